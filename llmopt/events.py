@@ -1,0 +1,38 @@
+"""Progress events: one logger, steps with timings.
+
+Library code calls ``step("export")`` and ``info("...")``; the CLI decides how they look
+(rich lines on a terminal, plain lines otherwise, or one JSON object per event).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any, Iterator
+
+logger = logging.getLogger("llmopt")
+
+
+def info(message: str, **fields: Any) -> None:
+    logger.info(message, extra={"event": "info", "fields": fields})
+
+
+def warning(message: str, **fields: Any) -> None:
+    logger.warning(message, extra={"event": "warning", "fields": fields})
+
+
+@contextlib.contextmanager
+def step(name: str, message: str | None = None, **fields: Any) -> Iterator[dict[str, Any]]:
+    """Log the start and the end (with seconds) of a named step; the yielded dict adds fields."""
+    logger.info(message or f"{name}...", extra={"event": "start", "step": name, "fields": fields})
+    started = time.perf_counter()
+    result: dict[str, Any] = {}
+    try:
+        yield result
+    except BaseException:
+        elapsed = time.perf_counter() - started
+        logger.info(f"{name} failed after {elapsed:.1f}s", extra={"event": "fail", "step": name, "seconds": elapsed, "fields": result})
+        raise
+    elapsed = time.perf_counter() - started
+    logger.info(f"{name} done in {elapsed:.1f}s", extra={"event": "end", "step": name, "seconds": elapsed, "fields": result})

@@ -1,0 +1,1 @@
+"""Exporters: turn a resolved recipe and a local checkpoint into an artifact body."""

@@ -1,0 +1,121 @@
+"""From prompts to results, the same for every target.
+
+Tokenize (with the chat template unless ``raw``), refuse prompts the artifact cannot hold, group
+prompts into batches of the artifact's pinned batch size (a short batch is filled with copies of
+its last prompt, whose outputs are dropped), stream text as tokens come, and time each batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from llmopt.errors import PromptTooLongError, UsageError
+from llmopt.runners.base import Runner, SamplingConfig
+
+TextCallback = Callable[[int, str], None]  # (prompt index, new text)
+
+
+@dataclass
+class GenerationResult:
+    prompt: str
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    finish_reason: str
+    ttft_ms: float
+    tokens_per_s: float  # decode rate: generated tokens after the first, over the decode time
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
+    if chat and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(prompt, add_special_tokens=True)
+
+
+def max_prompt_tokens(sequence_length: int) -> int:
+    """A prompt must leave room for at least one generated token."""
+    return sequence_length - 1
+
+
+def check_prompt_length(prompt_ids: list[int], sequence_length: int, index: int = 0) -> None:
+    limit = max_prompt_tokens(sequence_length)
+    if not prompt_ids:
+        raise UsageError(f"prompt {index + 1} is empty after tokenization; give some text (or drop --raw)")
+    if len(prompt_ids) > limit:
+        raise PromptTooLongError(
+            f"prompt {index + 1} has {len(prompt_ids)} tokens but the artifact accepts at most {limit} "
+            f"(sequence_length {sequence_length} minus one generated token)",
+            hint="re-export with a larger --sequence-length, or shorten the prompt",
+        )
+
+
+class _TextStream:
+    """Incremental detokenization: emit only text that can no longer change."""
+
+    def __init__(self, tokenizer, callback: TextCallback, index: int):
+        self.tokenizer, self.callback, self.index = tokenizer, callback, index
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, token_id: int) -> None:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return
+        if len(text) > len(self.emitted):
+            self.callback(self.index, text[len(self.emitted):])
+            self.emitted = text
+
+
+def generate(
+    runner: Runner,
+    prompts: list[str],
+    sampling: SamplingConfig,
+    chat: bool = True,
+    on_text: TextCallback | None = None,
+) -> list[GenerationResult]:
+    """Run every prompt through ``runner`` in batches of its pinned batch size."""
+    if not prompts:
+        raise UsageError("no prompt given; pass PROMPT arguments or --prompts-file")
+    tokenizer = runner.tokenizer
+    encoded = [encode_prompt(tokenizer, prompt, chat) for prompt in prompts]
+    for index, ids in enumerate(encoded):  # refuse before any work
+        check_prompt_length(ids, runner.sequence_length, index)
+
+    results: list[GenerationResult] = []
+    batch_size = runner.batch_size
+    for start in range(0, len(encoded), batch_size):
+        group = encoded[start:start + batch_size]
+        real_rows = len(group)
+        group = group + [group[-1]] * (batch_size - real_rows)
+        streams = {row: _TextStream(tokenizer, on_text, start + row) for row in range(real_rows)} if on_text else {}
+
+        def on_token(row: int, token_id: int) -> None:
+            if row in streams and token_id not in runner.eos_token_ids:
+                streams[row].push(token_id)
+
+        room = runner.sequence_length - max(len(ids) for ids in group)
+        batch_sampling = SamplingConfig(**{**asdict(sampling), "max_new_tokens": min(sampling.max_new_tokens, room)})
+        output = runner.generate(group, batch_sampling, on_token if streams else None)
+        for row in range(real_rows):
+            sequence = output.sequences[row]
+            ids = [token for token in sequence.token_ids if token not in runner.eos_token_ids]
+            decoded = len(sequence.token_ids) - 1
+            results.append(
+                GenerationResult(
+                    prompt=prompts[start + row],
+                    text=tokenizer.decode(ids, skip_special_tokens=True),
+                    token_ids=sequence.token_ids,
+                    prompt_tokens=len(group[row]),
+                    finish_reason=sequence.finish_reason,
+                    ttft_ms=round(output.ttft_s * 1000.0, 3),
+                    tokens_per_s=round(decoded / output.decode_s, 3) if decoded > 0 and output.decode_s > 0 else 0.0,
+                )
+            )
+    return results

@@ -1,0 +1,1 @@
+"""Runners: load an artifact (or, for ``pytorch``, a checkpoint) and generate token ids."""

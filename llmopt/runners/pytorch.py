@@ -1,0 +1,116 @@
+"""The PyTorch baseline: plain transformers on a checkpoint, the reference for parity and bench.
+
+Modes follow the transformers optimization guide: ``eager`` (dynamic cache, SDPA attention),
+``static`` (a static KV cache sized to sequence_length) and ``compile`` (static cache plus
+``torch.compile`` of the forward).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llmopt._deps import require
+from llmopt.errors import UsageError
+from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, SequenceOutput, TokenCallback
+
+MODES = ("eager", "static", "compile")
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class _TimingStreamer:
+    """transformers streamer: the first ``put`` is the prompt, each later one a step of new tokens."""
+
+    def __init__(self, on_token: TokenCallback | None):
+        self.on_token = on_token
+        self.started = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.seen_prompt = False
+
+    def put(self, value) -> None:
+        if not self.seen_prompt:
+            self.seen_prompt = True
+            return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+        if self.on_token is not None:
+            for row, token in enumerate(value.reshape(-1).tolist()):
+                self.on_token(row, int(token))
+
+    def end(self) -> None:
+        pass
+
+
+class PyTorchRunner(Runner):
+    target = "pytorch"
+    extra = "pytorch"
+    backend_distributions = ("torch", "transformers")
+
+    def __init__(self, path: Path, batch_size: int = 1, sequence_length: int = 2048, manifest=None,
+                 mode: str = "eager", dtype: str = "fp32", threads: int | None = None):
+        super().__init__(path, batch_size, sequence_length, manifest)
+        if mode not in MODES:
+            raise UsageError(f"unknown PyTorch mode '{mode}'; accepted: {', '.join(MODES)}")
+        torch = require("torch", extra="pytorch")
+        transformers = require("transformers", extra="pytorch")
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch, self.mode = torch, mode
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            self.path, torch_dtype=getattr(torch, TORCH_DTYPES[dtype]), attn_implementation="sdpa"
+        ).eval()
+        if mode == "compile":
+            self.model.forward = torch.compile(self.model.forward, dynamic=False)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, **options) -> "PyTorchRunner":
+        return cls(Path(checkpoint), **options)
+
+    def _pad_left(self, batch: list[list[int]]):
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(ids) for ids in batch)
+        input_ids = np.full((len(batch), width), pad, dtype=np.int64)
+        mask = np.zeros((len(batch), width), dtype=np.int64)
+        for row, ids in enumerate(batch):
+            input_ids[row, width - len(ids):] = ids
+            mask[row, width - len(ids):] = 1
+        return self.torch.from_numpy(input_ids), self.torch.from_numpy(mask)
+
+    def generate(self, batch: list[list[int]], sampling: SamplingConfig, on_token: TokenCallback | None = None) -> BatchOutput:
+        torch = self.torch
+        input_ids, attention_mask = self._pad_left(batch)
+        options = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.greedy,
+                       repetition_penalty=sampling.repetition_penalty, pad_token_id=self.tokenizer.pad_token_id,
+                       eos_token_id=sorted(self.eos_token_ids) or None)
+        if not sampling.greedy:
+            options.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+            torch.manual_seed(sampling.seed)
+        else:
+            options.update(temperature=None, top_k=None, top_p=None)
+        if self.mode in ("static", "compile"):
+            options.update(cache_implementation="static")
+        streamer = _TimingStreamer(on_token)
+        with torch.inference_mode():
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer, **options)
+        finished = time.perf_counter()
+        first = streamer.first_token_at or finished
+        new_tokens = output[:, input_ids.shape[1]:].tolist()
+        return BatchOutput(
+            sequences=[self._cut(row, sampling.max_new_tokens) for row in new_tokens],
+            ttft_s=first - streamer.started,
+            decode_s=finished - first,
+        )
+
+    def _cut(self, tokens: list[int], max_new_tokens: int) -> SequenceOutput:
+        for index, token in enumerate(tokens):
+            if token in self.eos_token_ids:
+                return SequenceOutput(tokens[: index + 1], "stop")
+        return SequenceOutput(tokens[:max_new_tokens], "length")
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        torch = self.torch
+        with torch.inference_mode():
+            output = self.model(torch.tensor([token_ids], dtype=torch.long))
+        return output.logits[0].float().numpy()

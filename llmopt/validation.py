@@ -1,0 +1,51 @@
+"""Parity with PyTorch: teacher-forced next-token agreement on a fixed text.
+
+Both sides see the same token ids; we compare, position by position, the argmax of the next-token
+logits (top-1 agreement) and the KL divergence KL(reference || candidate) of the distributions,
+and report each side's perplexity on the text.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import numpy as np
+
+
+def validation_text() -> str:
+    return resources.files("llmopt.data").joinpath("validation.txt").read_text(encoding="utf-8")
+
+
+def validation_ids(tokenizer, max_tokens: int) -> list[int]:
+    return tokenizer.encode(validation_text(), add_special_tokens=False)[:max_tokens]
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def perplexity(logits: np.ndarray, token_ids: list[int]) -> float:
+    """exp of the mean negative log-likelihood of token t+1 given tokens up to t."""
+    log_probs = _log_softmax(logits[:-1])
+    targets = np.asarray(token_ids[1:])
+    nll = -log_probs[np.arange(len(targets)), targets]
+    return float(np.exp(nll.mean()))
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, token_ids: list[int]) -> dict[str, float | int]:
+    """Agreement metrics between two [T, V] logit arrays over the same tokens."""
+    if reference.shape != candidate.shape:
+        vocab = min(reference.shape[-1], candidate.shape[-1])  # padded vocabularies: compare the real part
+        reference, candidate = reference[..., :vocab], candidate[..., :vocab]
+    ref_log, cand_log = _log_softmax(reference), _log_softmax(candidate)
+    kl = (np.exp(ref_log) * (ref_log - cand_log)).sum(axis=-1)
+    return {
+        "tokens": int(reference.shape[0]),
+        "top1_agreement": float((reference.argmax(-1) == candidate.argmax(-1)).mean()),
+        "mean_kl": float(kl.mean()),
+        "max_kl": float(kl.max()),
+        "reference_perplexity": perplexity(reference, token_ids),
+        "perplexity": perplexity(candidate, token_ids),
+    }

@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny random Llama with a real byte-level BPE tokenizer, built once per session.
+
+Nothing here downloads anything. The real SmolLM2 checkpoint (``make model``) is used only by
+tests marked ``slow``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOLLM2 = ROOT / "models" / "SmolLM2-135M-Instruct"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+TRAINING_TEXT = [
+    "The quick brown fox jumps over the lazy dog. " * 4,
+    "Compilers turn programs into machine code; runtimes execute them quickly.",
+    "Héllo wörld, naïve café — numbers 0123456789 and symbols !?.,;:()[]{}",
+    "def generate(tokens):\n    return model(tokens)\n",
+]
+
+
+def _build_tokenizer(directory: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=384,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(TRAINING_TEXT * 8, trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<|im_start|>", eos_token="<|im_end|>",
+        pad_token="<|im_end|>", unk_token="<|endoftext|>",
+    )
+    fast.chat_template = CHATML_TEMPLATE
+    fast.save_pretrained(directory)
+    return fast
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (hidden 64, GQA 4/2 heads) saved as a normal checkpoint directory."""
+    import torch
+    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = _build_tokenizer(directory)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True, torch_dtype="float32",
+    )
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # larger logits than the default init, so greedy choices are not near-ties
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(directory)
+    GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                     bos_token_id=tokenizer.bos_token_id).save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    if not (SMOLLM2 / "config.json").is_file():
+        pytest.skip("the SmolLM2 checkpoint is missing: run `make model`")
+    return SMOLLM2
+
+
+@pytest.fixture(autouse=True)
+def _no_hub(monkeypatch):
+    """No test may reach the Hugging Face Hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def write_recipe(path: Path, data: dict) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(data))
+    return path
