@@ -81,7 +81,7 @@ def validate_against_pytorch(recipe: Recipe, checkpoint: Path, workdir: Path, ma
     token_ids = validation.validation_ids(reference.tokenizer, limit)
     reference_logits = reference.logits(token_ids)
     reference.close()
-    candidate = runner_class(recipe.target)(workdir, manifest.batch_size, manifest.sequence_length, manifest=manifest)
+    candidate = runner_class(recipe.target, manifest.static)(workdir, manifest.batch_size, manifest.sequence_length, manifest=manifest)
     try:
         metrics = validation.compare(reference_logits, candidate.logits(token_ids), token_ids)
     finally:
@@ -130,7 +130,7 @@ def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bo
 def open_runner(path: str | Path, verify: bool = True, **options) -> Runner:
     """Load an artifact with the runner its manifest names."""
     manifest = artifact.read_manifest(Path(path))
-    return runner_class(manifest.target).load(path, verify=verify, **options)
+    return runner_class(manifest.target, manifest.static).load(path, verify=verify, **options)
 
 
 def sampling_from(manifest: Manifest | None, **overrides: Any) -> SamplingConfig:

@@ -24,6 +24,9 @@ RUNNERS: dict[str, str] = {
     "neuron": "llmopt.runners.neuron:NeuronRunner",
     "tensorrt": "llmopt.runners.tensorrt:TensorRTRunner",
     "pytorch": "llmopt.runners.pytorch:PyTorchRunner",
+    # Artifacts built with `shapes.static: true`: two fully static graphs and llmopt's own small loop.
+    "onnx-static": "llmopt.runners.static:OnnxStaticRunner",
+    "openvino-static": "llmopt.runners.static:OpenVINOStaticRunner",
 }
 
 TARGETS: tuple[str, ...] = tuple(EXPORTERS)
@@ -40,5 +43,8 @@ def exporter_class(target: str):
     return _load(EXPORTERS, target, "target")
 
 
-def runner_class(target: str):
+def runner_class(target: str, static: bool = False):
+    """The runner for a target's artifacts; static-shape artifacts have their own where one exists."""
+    if static and f"{target}-static" in RUNNERS:
+        return _load(RUNNERS, f"{target}-static", "runner")
     return _load(RUNNERS, target, "runner")
