@@ -1,0 +1,62 @@
+# llmopt: two commands on a fresh clone: `make demo` (install, prepare SmolLM2, export, run) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+LLMOPT := $(VENV)/bin/llmopt
+MODEL := models/SmolLM2-135M-Instruct
+PROMPT ?= Write a haiku about compilers.
+# Test selection: everything (slow end-to-end tests included) unless overridden, e.g. make test PYTEST_ARGS='-m "not slow"'.
+PYTEST_ARGS ?=
+
+.PHONY: install model demo test test-fast bench clean install-neuron install-tensorrt install-gpu
+
+install: $(VENV)/.installed
+
+# The CPU set is pinned in constraints-cpu.txt (see README: why these versions).
+$(VENV)/.installed: pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -c constraints-cpu.txt torch==2.13.0
+	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[onnx,openvino,bench,dev]'
+	touch $@
+
+model: $(MODEL)/config.json
+
+$(MODEL)/config.json: | install
+	$(PY) scripts/prepare_model.py --out $(MODEL)
+
+demo: install model
+	$(LLMOPT) export --config configs/smollm2-onnx.yaml -o out/smol-onnx --force
+	$(LLMOPT) export --config configs/smollm2-openvino.yaml -o out/smol-ov --force
+	$(LLMOPT) run out/smol-onnx "$(PROMPT)"
+	$(LLMOPT) run out/smol-ov "$(PROMPT)"
+
+test: install model
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: install model
+	$(PY) bench/run_all.py
+
+# Separate environments: these stacks pin their own optimum/transformers and cannot share the CPU set.
+install-neuron:
+	@echo "Needs an Inferentia2/Trainium host with Python 3.10 or 3.11 and the AWS Neuron apt/pip repositories."
+	$(PYTHON) -m venv .venv-neuron
+	.venv-neuron/bin/pip install -q --upgrade pip
+	.venv-neuron/bin/pip install --extra-index-url https://pip.repos.neuron.amazonaws.com -e '.[neuron,dev]'
+
+install-tensorrt:
+	$(PYTHON) -m venv .venv-tensorrt
+	.venv-tensorrt/bin/pip install -q --upgrade pip
+	.venv-tensorrt/bin/pip install --extra-index-url https://pypi.nvidia.com -e '.[tensorrt,dev]'
+
+install-gpu:
+	$(PYTHON) -m venv .venv-gpu
+	.venv-gpu/bin/pip install -q --upgrade pip
+	.venv-gpu/bin/pip install -e '.[gpu,dev]'
+
+clean:
+	rm -rf out .pytest_cache

