@@ -5,15 +5,17 @@ Nothing here prints; progress goes through ``llmopt.events`` and results are ret
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from llmopt import artifact, events, generation, sources, validation
+from llmopt import artifact, cache, events, generation, sources, validation
 from llmopt._deps import version_of
 from llmopt.artifact import Manifest
-from llmopt.errors import ValidationFailed
+from llmopt.errors import LlmoptError, UsageError, ValidationFailed
 from llmopt.exporters.base import Exporter, copy_tokenizer_files
 from llmopt.recipe import Recipe
 from llmopt.registry import exporter_class, runner_class
@@ -27,11 +29,14 @@ class ExportReport:
     seconds: float
     size_bytes: int
     plan: dict[str, Any] = field(default_factory=dict)
+    cached: bool = False  # copied from the compile cache instead of built
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "output": str(self.output),
             "target": self.manifest.target,
+            "cached": self.cached,
+            "cache_key": self.manifest.cache_key,
             "seconds": round(self.seconds, 3),
             "size_bytes": self.size_bytes,
             "shapes": self.manifest.shapes,
@@ -94,8 +99,27 @@ def validate_against_pytorch(recipe: Recipe, checkpoint: Path, workdir: Path, ma
     return metrics
 
 
-def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bool = True) -> ExportReport:
-    """Build an artifact at ``output``; on any failure ``output`` is left as it was."""
+@contextlib.contextmanager
+def no_space_errors(output: Path) -> Iterator[None]:
+    """A full disk is a one-line error; the partial artifact is already gone when this runs."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise LlmoptError(
+            f"no space left on device writing {output}" + (f" ({exc.filename})" if exc.filename else ""),
+            hint="free some space, or choose another -o",
+        ) from exc
+
+
+def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bool = True,
+           cache_dir: str | Path | None = None) -> ExportReport:
+    """Build an artifact at ``output``; on any failure ``output`` is left as it was.
+
+    With ``cache_dir``, an artifact built before from the same inputs is copied from there instead
+    of compiled again, and a newly built one is stored there (see ``llmopt.cache``).
+    """
     started = time.perf_counter()
     output = Path(output)
     exporter = make_exporter(recipe)
@@ -104,26 +128,36 @@ def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bo
     with events.step("resolve", f"resolving model {recipe.model.id}"):
         checkpoint = sources.resolve_model(recipe.model.id, recipe.model.revision, recipe.model.trust_remote_code)
         sources.check_architecture(checkpoint)
-    with artifact.staging(output, force) as workdir:
-        with events.step("export", f"exporting to {recipe.target}"):
-            result = exporter.export(recipe, checkpoint, workdir)
-            copy_tokenizer_files(checkpoint, workdir)
-        manifest = new_manifest(recipe, exporter, checkpoint, result)
-        if validate and recipe.validation.enabled and exporter.runs_on_host:
-            with events.step("validate", "comparing with PyTorch (teacher-forced)") as fields:
-                manifest.validation = validate_against_pytorch(recipe, checkpoint, workdir, manifest)
-                fields.update(manifest.validation)
-            if not manifest.validation["passed"]:
-                metrics = manifest.validation
-                raise ValidationFailed(
-                    f"validation failed: top-1 agreement {metrics['top1_agreement']:.3f} "
-                    f"(min {recipe.validation.min_top1_agreement}), mean KL {metrics['mean_kl']:.4f} "
-                    f"(max {recipe.validation.max_mean_kl}); no artifact written",
-                    hint="loosen validation.* in the recipe, or pass --no-validate",
-                )
-        with events.step("write", f"writing {output}"):
-            artifact.finalize(workdir, manifest)
-            size = directory_size(workdir)
+    validated = validate and recipe.validation.enabled and exporter.runs_on_host
+    store = cache.ArtifactCache(cache_dir) if cache_dir is not None else None
+    key = store.key(recipe, checkpoint, exporter.backend_distributions, validated) if store else None
+    with no_space_errors(output):
+        if store is not None and (cached := store.restore(key, output, force)) is not None:
+            seconds = time.perf_counter() - started
+            return ExportReport(output=output, manifest=cached, seconds=seconds, size_bytes=directory_size(output), cached=True)
+        with artifact.staging(output, force) as workdir:
+            with events.step("export", f"exporting to {recipe.target}"):
+                result = exporter.export(recipe, checkpoint, workdir)
+                copy_tokenizer_files(checkpoint, workdir)
+            manifest = new_manifest(recipe, exporter, checkpoint, result)
+            manifest.cache_key = key
+            if validated:
+                with events.step("validate", "comparing with PyTorch (teacher-forced)") as fields:
+                    manifest.validation = validate_against_pytorch(recipe, checkpoint, workdir, manifest)
+                    fields.update(manifest.validation)
+                if not manifest.validation["passed"]:
+                    metrics = manifest.validation
+                    raise ValidationFailed(
+                        f"validation failed: top-1 agreement {metrics['top1_agreement']:.3f} "
+                        f"(min {recipe.validation.min_top1_agreement}), mean KL {metrics['mean_kl']:.4f} "
+                        f"(max {recipe.validation.max_mean_kl}); no artifact written",
+                        hint="loosen validation.* in the recipe, or pass --no-validate",
+                    )
+            with events.step("write", f"writing {output}"):
+                artifact.finalize(workdir, manifest)
+                size = directory_size(workdir)
+            if store is not None:
+                store.store(key, workdir)
     return ExportReport(output=output, manifest=manifest, seconds=time.perf_counter() - started, size_bytes=size)
 
 
@@ -150,3 +184,104 @@ def run(path: str | Path, prompts: list[str], chat: bool = True, on_text=None, *
         return generation.generate(runner, prompts, sampling, chat=chat, on_text=on_text)
     finally:
         runner.close()
+
+
+# -- quantize ---------------------------------------------------------------------------------
+
+# Recipe fields an artifact source fixes: quantizing it keeps its model, target, shapes and precision.
+_ARTIFACT_FIXED = ("model", "target", "shapes", "precision")
+
+
+def quantize(output: str | Path, recipe: Recipe | None = None, source: str | Path | None = None,
+             overrides: dict[str, Any] | None = None, force: bool = False, validate: bool = True,
+             cache_dir: str | Path | None = None) -> ExportReport:
+    """Quantize into ``output``: an fp artifact ``source`` (keeping its shapes), else ``recipe``'s model.
+
+    From an artifact, ``overrides`` (dotted recipe paths) apply to the recipe stored in it and the
+    artifact's own logits are the reference; from a model this is ``export`` with the quantization
+    section set, validated against PyTorch. Validation thresholds the recipe leaves unset get the
+    weight format's defaults (``llmopt.quantize.DEFAULT_THRESHOLDS``).
+    """
+    from llmopt import quantize as quantization
+
+    if source is not None and (Path(source) / artifact.MANIFEST_NAME).is_file():
+        return _quantize_artifact(Path(source), Path(output), overrides or {}, force, validate)
+    if recipe is None:
+        raise UsageError(f"'{source}' is not an llmopt artifact (no {artifact.MANIFEST_NAME}); pass a model with -m instead")
+    if not recipe.quantization.enabled:
+        raise UsageError("nothing to quantize: quantization.weight_format is none",
+                         hint="pass --weight-format int8 or int4, or set quantization.weight_format in the recipe")
+    return export(quantization.with_default_thresholds(recipe), output, force=force, validate=validate, cache_dir=cache_dir)
+
+
+def quantize_recipe(source: Path, overrides: dict[str, Any]) -> tuple[Recipe, Manifest]:
+    """The recipe stored in the fp artifact ``source`` with ``overrides`` applied, and its manifest."""
+    from llmopt import quantize as quantization
+    from llmopt import recipe as recipe_module
+
+    fixed = sorted(key for key, value in overrides.items() if value is not None and key.split(".")[0] in _ARTIFACT_FIXED)
+    if fixed:
+        raise UsageError(f"quantizing an artifact keeps its model, target, shapes and precision; cannot set {', '.join(fixed)}",
+                         hint="quantize the checkpoint with -m to choose them")
+    source_manifest = artifact.load(source, verify=True)
+    recipe = recipe_module.resolve(None, overrides, base=source_manifest.recipe)
+    if not recipe.quantization.enabled:
+        raise UsageError("nothing to quantize: quantization.weight_format is none", hint="pass --weight-format int8 or int4")
+    quantization.check_source(source_manifest, recipe)
+    return quantization.with_default_thresholds(recipe), source_manifest
+
+
+def _quantize_artifact(source: Path, output: Path, overrides: dict[str, Any], force: bool, validate: bool) -> ExportReport:
+    from llmopt import quantize as quantization
+
+    started = time.perf_counter()
+    recipe, source_manifest = quantize_recipe(source, overrides)
+    backend = quantization.backend(recipe.target)
+    exporter = make_exporter(recipe)
+    artifact.check_output_free(output, force)
+    exporter.preflight(recipe)
+    with no_space_errors(output), artifact.staging(output, force) as workdir:
+        with events.step("quantize", f"quantizing {source} ({recipe.quantization.weight_format})"):
+            result = backend.requantize(source, source_manifest, recipe, workdir)
+        manifest = new_manifest(recipe, exporter, Path(source_manifest.source.get("checkpoint") or source), result)
+        manifest.source["artifact"] = str(source)
+        if validate and recipe.validation.enabled and exporter.runs_on_host:
+            with events.step("validate", "comparing with the fp artifact (teacher-forced)") as fields:
+                manifest.validation = validate_against_artifact(recipe, source, source_manifest, workdir, manifest)
+                fields.update(manifest.validation)
+            if not manifest.validation["passed"]:
+                raise ValidationFailed(validation_failure(manifest.validation), hint="loosen validation.* in the recipe, or pass --no-validate")
+        with events.step("write", f"writing {output}"):
+            artifact.finalize(workdir, manifest)
+            size = directory_size(workdir)
+    return ExportReport(output=output, manifest=manifest, seconds=time.perf_counter() - started, size_bytes=size)
+
+
+def validate_against_artifact(recipe: Recipe, source: Path, source_manifest: Manifest, workdir: Path,
+                              manifest: Manifest) -> dict[str, Any]:
+    """Teacher-forced comparison of the artifact in ``workdir`` with the fp artifact ``source``."""
+    reference = runner_class(source_manifest.target, source_manifest.static).load(source, verify=False)
+    try:
+        limit = min(recipe.validation.max_tokens, manifest.sequence_length)
+        token_ids = validation.validation_ids(reference.tokenizer, limit)
+        reference_logits = reference.logits(token_ids)
+    finally:
+        reference.close()
+    candidate = runner_class(manifest.target, manifest.static)(workdir, manifest.batch_size, manifest.sequence_length, manifest=manifest)
+    try:
+        metrics = validation.compare(reference_logits, candidate.logits(token_ids), token_ids)
+    finally:
+        candidate.close()
+    thresholds = recipe.validation
+    metrics["reference"] = f"artifact {source}"
+    metrics["passed"] = bool(
+        metrics["top1_agreement"] >= thresholds.min_top1_agreement and metrics["mean_kl"] <= thresholds.max_mean_kl
+    )
+    metrics["thresholds"] = {"min_top1_agreement": thresholds.min_top1_agreement, "max_mean_kl": thresholds.max_mean_kl}
+    return metrics
+
+
+def validation_failure(metrics: dict[str, Any]) -> str:
+    thresholds = metrics["thresholds"]
+    return (f"validation failed: top-1 agreement {metrics['top1_agreement']:.3f} (min {thresholds['min_top1_agreement']}), "
+            f"mean KL {metrics['mean_kl']:.4f} (max {thresholds['max_mean_kl']}); no artifact written")

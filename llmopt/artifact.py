@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -44,6 +45,7 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     llmopt_version: str = __version__
     created_at: str = field(default_factory=lambda: _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    cache_key: str | None = None  # llmopt.cache key of the inputs this artifact was built from
 
     @property
     def batch_size(self) -> int:
@@ -104,7 +106,12 @@ def check_output_free(output: Path, force: bool) -> None:
 
 def _swap_into_place(staged: Path, output: Path) -> None:
     if not output.exists():
-        os.replace(staged, output)
+        try:
+            os.replace(staged, output)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another export won the race since the check
+                raise UsageError(f"output '{output}' already exists", hint="another export wrote it meanwhile") from exc
+            raise
         return
     retired = output.with_name(f"{output.name}.old-{os.getpid()}")
     os.replace(output, retired)

@@ -2,12 +2,16 @@
 
 Library code calls ``step("export")`` and ``info("...")``; the CLI decides how they look
 (rich lines on a terminal, plain lines otherwise, or one JSON object per event).
+
+Test hook: ``LLMOPT_FAULT_SLEEP_AT=<step>`` (or ``<step>:end``) makes the process log a warning and
+sleep at the start (or the end) of that step, so tests/test_fault.py can kill -9 it there.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import Any, Iterator
 
@@ -22,10 +26,18 @@ def warning(message: str, **fields: Any) -> None:
     logger.warning(message, extra={"event": "warning", "fields": fields})
 
 
+def _fault_point(name: str, when: str) -> None:
+    wanted = os.environ.get("LLMOPT_FAULT_SLEEP_AT")
+    if wanted and wanted in (f"{name}:{when}", name if when == "start" else None):
+        warning(f"fault hook: sleeping at {name}:{when}", fault=f"{name}:{when}", pid=os.getpid())
+        time.sleep(3600)
+
+
 @contextlib.contextmanager
 def step(name: str, message: str | None = None, **fields: Any) -> Iterator[dict[str, Any]]:
     """Log the start and the end (with seconds) of a named step; the yielded dict adds fields."""
     logger.info(message or f"{name}...", extra={"event": "start", "step": name, "fields": fields})
+    _fault_point(name, "start")
     started = time.perf_counter()
     result: dict[str, Any] = {}
     try:
@@ -36,3 +48,4 @@ def step(name: str, message: str | None = None, **fields: Any) -> Iterator[dict[
         raise
     elapsed = time.perf_counter() - started
     logger.info(f"{name} done in {elapsed:.1f}s", extra={"event": "end", "step": name, "seconds": elapsed, "fields": result})
+    _fault_point(name, "end")

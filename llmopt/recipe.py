@@ -46,13 +46,25 @@ class Quantization(Section):
     symmetric: bool | None = Field(None, description="None lets the target pick its best default")
     group_size: int | None = Field(None, ge=-1, description="-1 means per-channel; None picks one that divides")
     ratio: float = Field(1.0, gt=0.0, le=1.0, description="share of layers in int4, the rest int8")
-    algorithm: Literal["auto", "rtn", "awq", "hqq", "gptq"] = "auto"
-    awq: bool = False
-    scale_estimation: bool = False
-    dataset: str | None = Field(None, description="calibration text: a shipped set name or a local .txt/.jsonl file")
-    num_samples: int = Field(64, ge=1)
-    sensitivity_metric: str | None = None
+    algorithm: Literal["auto", "rtn", "awq", "hqq", "gptq"] = Field(
+        "auto", description="auto: the target's best default (openvino int4: AWQ + scale estimation); rtn: data-free"
+    )
+    awq: bool = Field(False, description="AWQ; with algorithm auto, int4 turns it on unless set false explicitly")
+    scale_estimation: bool = Field(False, description="NNCF scale estimation; as awq for algorithm auto")
+    all_layers: bool = Field(False, description="int4 for the embeddings and last MatMul too (int8 otherwise)")
+    dataset: str | None = Field(
+        None, description="calibration text: a shipped set (default, chat, pydoc) or a local .txt/.jsonl file"
+    )
+    num_samples: int = Field(64, ge=1, description="calibration samples")
+    sensitivity_metric: str | None = Field(None, description="ranks layers for mixed precision (ratio < 1)")
     kv_cache: Literal["auto", "fp32", "fp16", "u8", "int8", "fp8"] = "auto"
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int | None) -> int | None:
+        if value == 0:
+            raise ValueError("must be a positive group size, or -1 for one group per output channel")
+        return value
 
     @property
     def enabled(self) -> bool:
@@ -70,18 +82,41 @@ class OnnxOptions(Section):
 
 
 class NeuronOptions(Section):
-    num_cores: int = Field(2, ge=1, le=128, description="NeuronCores the model is sharded over")
-    tensor_parallel_size: int | None = Field(None, ge=1, le=128, description="defaults to num_cores")
+    """optimum-neuron export settings (``llmopt.exporters.neuron``)."""
+
+    num_cores: int | None = Field(
+        None, ge=1, le=128,
+        description="NeuronCores the model is sharded over (optimum-neuron's compiler_args num_cores); "
+                    "defaults to all cores of instance_type, else 2",
+    )
+    tensor_parallel_size: int | None = Field(
+        None, ge=1, le=128, description="optimum-neuron>=0.4's name for num_cores; give one or the other"
+    )
     instance_type: str | None = Field(None, description="e.g. inf2.xlarge, inf2.48xlarge, trn1.32xlarge")
-    compiler_args: dict[str, Any] = Field(default_factory=dict)
+    compiler_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="extra neuronx-cc flags, passed as NEURON_CC_FLAGS: {optlevel: 3} -> --optlevel=3, {flag: true} -> --flag",
+    )
+    compile_only: bool = Field(
+        False, description="compile on a host without a Neuron device (sets NEURON_PLATFORM_TARGET_OVERRIDE); needs instance_type"
+    )
 
 
 class TensorRTOptions(Section):
-    gpu: str | None = Field(None, description="GPU the engine is built for, e.g. H100, A100, L4")
+    """TensorRT-LLM engine build settings (``llmopt.exporters.tensorrt``)."""
+
+    gpu: str | None = Field(None, description="GPU the engine is built for, e.g. H100, A100, L4 (checked against the recipe)")
     tensor_parallel_size: int = Field(1, ge=1, le=64)
-    max_num_tokens: int | None = Field(None, ge=1)
+    max_input_len: int | None = Field(None, ge=1, description="longest prompt; defaults to sequence_length - 1")
+    max_num_tokens: int | None = Field(None, ge=1, description="tokens per engine step; defaults to batch_size x max_input_len")
     kv_cache_dtype: Literal["auto", "fp16", "bf16", "fp8", "int8"] = "auto"
-    builder_args: dict[str, Any] = Field(default_factory=dict)
+    gather_context_logits: bool = Field(
+        False, description="build the engine to return prompt logits (needed for llmopt's teacher-forced validation)"
+    )
+    calibration_device: Literal["auto", "cuda", "cpu"] = Field(
+        "auto", description="where modelopt calibrates fp8 / int4-awq / int8-sq weights before the build"
+    )
+    builder_args: dict[str, Any] = Field(default_factory=dict, description="extra tensorrt_llm BuildConfig arguments")
 
 
 class Generation(Section):

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 import yaml
 
-from llmopt import api
+from llmopt import api, cache
 from llmopt.cli import _common, _output
 from llmopt.cli.main import app
 from llmopt.errors import UsageError
@@ -29,6 +29,10 @@ def export(
     no_validate: bool = typer.Option(False, "--no-validate", help="Skip the parity check against PyTorch."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the plan; build nothing."),
     json_output: bool = typer.Option(False, "--json", help="Machine-readable result on stdout."),
+    cache_dir: Optional[Path] = typer.Option(
+        None, "--cache-dir", help="Compile cache (default $LLMOPT_CACHE_DIR/artifacts or ~/.cache/llmopt/artifacts)."
+    ),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Always compile; neither read nor fill the cache."),
 ) -> None:
     """Export a checkpoint to a static-shape artifact for one target."""
     recipe = _common.resolve_recipe(config, set_items, model, target, batch_size, sequence_length, dtype, static)
@@ -41,11 +45,13 @@ def export(
         return
     if output is None:
         raise UsageError("-o/--output is required (the artifact directory to create)")
-    report = api.export(recipe, output, force=force, validate=not no_validate)
+    cache_dir = None if no_cache else (cache_dir or cache.default_dir())
+    report = api.export(recipe, output, force=force, validate=not no_validate, cache_dir=cache_dir)
     if json_output:
         _output.print_json(report.to_dict())
         return
     line = f"{report.output}  target={report.manifest.target}  {report.size_bytes / 1e6:.1f} MB  {report.seconds:.1f}s"
+    line += "  (from cache)" if report.cached else ""
     if report.manifest.validation:
         metrics = report.manifest.validation
         line += f"  top1={metrics['top1_agreement']:.3f}  kl={metrics['mean_kl']:.4f}"

@@ -36,6 +36,10 @@ class _TimingStreamer:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
         if self.on_token is not None:
+            if value.dim() == 2:  # assisted / prompt-lookup decoding: several tokens of row 0 at once
+                for token in value[0].tolist():
+                    self.on_token(0, int(token))
+                return
             for row, token in enumerate(value.reshape(-1).tolist()):
                 self.on_token(row, int(token))
 
@@ -47,10 +51,15 @@ class PyTorchRunner(Runner):
     target = "pytorch"
     extra = "pytorch"
     backend_distributions = ("torch", "transformers")
+    # Prompt-lookup decoding (transformers' ``prompt_lookup_num_tokens``): candidate tokens copied from
+    # the prompt's n-grams, verified in one forward. 0 is off. Batch size 1 and eager mode only
+    # (transformers would silently swap a static cache for a dynamic one). Settable per call.
+    prompt_lookup_num_tokens: int = 0
 
     def __init__(self, path: Path, batch_size: int = 1, sequence_length: int = 2048, manifest=None,
-                 mode: str = "eager", dtype: str = "fp32", threads: int | None = None):
+                 mode: str = "eager", dtype: str = "fp32", threads: int | None = None, prompt_lookup_num_tokens: int = 0):
         super().__init__(path, batch_size, sequence_length, manifest)
+        self.prompt_lookup_num_tokens = prompt_lookup_num_tokens
         if mode not in MODES:
             raise UsageError(f"unknown PyTorch mode '{mode}'; accepted: {', '.join(MODES)}")
         torch = require("torch", extra="pytorch")
@@ -91,6 +100,13 @@ class PyTorchRunner(Runner):
             options.update(temperature=None, top_k=None, top_p=None)
         if self.mode in ("static", "compile"):
             options.update(cache_implementation="static")
+        if self.prompt_lookup_num_tokens:
+            if self.mode != "eager" or len(batch) != 1:
+                raise UsageError(f"prompt-lookup decoding needs mode eager and one prompt per call "
+                                 f"(mode {self.mode}, {len(batch)} prompts)")
+            options.update(prompt_lookup_num_tokens=self.prompt_lookup_num_tokens)
+            if options["eos_token_id"] is None:  # its candidate search cannot take None: an id never generated
+                options["eos_token_id"] = [self.model.config.vocab_size]
         streamer = _TimingStreamer(on_token)
         with torch.inference_mode():
             output = self.model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer, **options)

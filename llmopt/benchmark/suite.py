@@ -1,0 +1,436 @@
+"""Plan a benchmark (subjects x cases), run each subject in its own worker process, build the rows.
+
+Rules:
+
+* Input lengths are ``ratio x`` each artifact's pinned sequence_length (or ``--input-lengths``);
+  new tokens fill the rest of the sequence (capped by ``--new-tokens``), as the Inferentia2 guide
+  sweeps 25/50/75 % and generates up to the sequence length.
+* Batch sizes: an artifact runs only its own pinned batch size; a requested batch size other than
+  that gives one ``skipped`` row with a note. The PyTorch baseline takes any batch size: it runs
+  every requested one (default: the artifacts' own), at every (input, new tokens) pair an artifact
+  of the same checkpoint runs, so each artifact row has a baseline row to compare with.
+* Every subject sees the same prompts (built once here, from one tokenizer), greedy, end-of-sequence
+  ignored, so every run generates exactly its number of new tokens.
+* Subjects run one after another, each in a fresh process (``llmopt.benchmark.worker``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from llmopt import artifact, events
+from llmopt.benchmark import prompts as prompt_module
+from llmopt.benchmark.machine import default_threads, machine_info
+from llmopt.benchmark.stats import HIGH_VARIANCE, speedups, summarize
+from llmopt.benchmark.worker import PROGRESS_PREFIX
+from llmopt.errors import UsageError
+
+PYTORCH_MODES = ("eager", "static", "compile")
+DEFAULT_SEQUENCE_LENGTH = 512  # a baseline-only run with no --sequence-length
+GROUNDED_NEW_TOKENS = 128
+MIB = 1024 * 1024
+
+
+@dataclass
+class BenchConfig:
+    artifacts: list[str] = field(default_factory=list)
+    baselines: list[str] = field(default_factory=list)  # PyTorch modes
+    baseline_model: str | None = None
+    baseline_dtype: str = "fp32"
+    input_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
+    input_lengths: list[int] | None = None
+    new_tokens: int | None = None
+    batch_sizes: list[int] | None = None
+    sequence_length: int | None = None  # only for a baseline-only run
+    repetitions: int = 5
+    warmup: int = 1
+    seed: int = 0
+    threads: int | None = None
+    prompt_lookup: int = 0
+    verify: bool = True
+    extra_subjects: list["Subject"] = field(default_factory=list)  # pinned subjects built by scripts
+
+
+@dataclass
+class Case:
+    batch_size: int
+    input_length: int
+    new_tokens: int
+    prompt: str = "synthetic"  # or "grounded"
+    prompt_lookup: int = 0
+
+    @property
+    def decoding(self) -> str:
+        return f"prompt-lookup:{self.prompt_lookup}" if self.prompt_lookup else "greedy"
+
+    def key(self) -> tuple:
+        return (self.batch_size, self.input_length, self.new_tokens, self.prompt, self.prompt_lookup)
+
+
+@dataclass
+class Subject:
+    name: str
+    kind: str  # "artifact" or "pytorch"
+    path: str
+    target: str
+    sequence_length: int
+    batch_size: int | None = None  # pinned (artifacts); None takes any
+    mode: str | None = None
+    dtype: str | None = None
+    precision: str | None = None
+    weights: str | None = None
+    checkpoint: str | None = None
+    supports_prompt_lookup: bool = False
+    factory: str | None = None  # kind "peer": "module:function" returning a runner (path, batch, length, threads=)
+    pythonpath: str | None = None  # where the worker finds the factory's module
+    tokenizer: str | None = None  # directory of the tokenizer, when ``path`` holds none
+    cases: list[Case] = field(default_factory=list)
+    skipped: list[tuple[Case | None, str]] = field(default_factory=list)
+
+
+@dataclass
+class BenchResult:
+    rows: list[dict]
+    machine: dict
+    notes: list[str]
+
+    @property
+    def failed(self) -> bool:
+        return any(row["status"] == "error" for row in self.rows)
+
+
+def parse_baselines(specs: list[str]) -> list[str]:
+    """``pytorch`` (all three modes), ``pytorch:eager,static``, or ``none``; repeatable."""
+    modes: list[str] = []
+    for spec in specs:
+        for item in spec.split(","):
+            item = item.strip()
+            if not item or item == "none":
+                continue
+            runtime, _, mode = item.partition(":")
+            if runtime == "pytorch" and not mode:
+                chosen = list(PYTORCH_MODES)
+            elif runtime == "pytorch" and mode in PYTORCH_MODES:
+                chosen = [mode]
+            elif not mode and item in PYTORCH_MODES:  # the second mode of "pytorch:eager,static"
+                chosen = [item]
+            else:
+                raise UsageError(f"unknown baseline '{item}'; accepted: pytorch, "
+                                 + ", ".join(f"pytorch:{mode}" for mode in PYTORCH_MODES) + ", none")
+            modes += [mode for mode in chosen if mode not in modes]
+    return modes
+
+
+def _input_pairs(config: BenchConfig, sequence_length: int) -> tuple[list[tuple[int, int]], list[str]]:
+    """(input length, new tokens) pairs for one sequence length, and notes on lengths that do not fit."""
+    lengths = config.input_lengths or [max(1, round(ratio * sequence_length)) for ratio in config.input_ratios]
+    pairs, notes = [], []
+    for length in dict.fromkeys(lengths):
+        if length >= sequence_length:
+            notes.append(f"input length {length} leaves no room to generate in sequence_length {sequence_length}")
+            continue
+        room = sequence_length - length
+        pairs.append((length, min(config.new_tokens, room) if config.new_tokens else room))
+    return pairs, notes
+
+
+def _checkpoint_of(manifest, config: BenchConfig) -> str | None:
+    if config.baseline_model:
+        return config.baseline_model
+    checkpoint = (manifest.source or {}).get("checkpoint")
+    return checkpoint if checkpoint and Path(checkpoint).is_dir() else None
+
+
+def plan_subjects(config: BenchConfig) -> tuple[list[Subject], list[str], int]:
+    """Every subject with its cases (and its skipped cases), run-wide notes, and the grounded prompt's
+    token budget (0 without --prompt-lookup)."""
+    from llmopt.registry import runner_class
+
+    notes: list[str] = []
+    subjects: list[Subject] = []
+    for path in config.artifacts:
+        manifest = artifact.read_manifest(Path(path))
+        runner = runner_class(manifest.target, manifest.static)
+        subject = Subject(
+            name=str(path), kind="artifact", path=str(Path(path).resolve()),
+            target=manifest.target + ("-static" if manifest.static else ""),
+            sequence_length=manifest.sequence_length, batch_size=manifest.batch_size,
+            precision=manifest.precision, weights=(manifest.quantization or {}).get("weight_format", "none"),
+            checkpoint=_checkpoint_of(manifest, config),
+            supports_prompt_lookup=hasattr(runner, "prompt_lookup_num_tokens"),
+        )
+        if config.baselines and subject.checkpoint is None:
+            notes.append(f"{path}: no baseline comparison: its source checkpoint "
+                         f"'{(manifest.source or {}).get('checkpoint')}' is not here; pass --baseline-model")
+        subjects.append(subject)
+    for subject in config.extra_subjects:  # peers measured by the same machinery (bench/llamacpp_peer.py)
+        subject.checkpoint = subject.checkpoint or config.baseline_model
+        subjects.append(subject)
+    for subject in subjects:
+        pairs, length_notes = _input_pairs(config, subject.sequence_length)
+        subject.skipped += [(None, note) for note in length_notes]
+        for batch_size in config.batch_sizes or [subject.batch_size]:
+            if batch_size != subject.batch_size:
+                subject.skipped.append((Case(batch_size, 0, 0), f"pinned to batch size {subject.batch_size}"))
+                continue
+            subject.cases += [Case(batch_size, length, new) for length, new in pairs]
+
+    if config.baselines or config.prompt_lookup:
+        subjects += _baseline_subjects(config, subjects, notes)
+    grounded_budget = _add_grounded_cases(config, subjects, notes) if config.prompt_lookup else 0
+    return subjects, notes, grounded_budget
+
+
+def _baseline_subjects(config: BenchConfig, artifacts: list[Subject], notes: list[str]) -> list[Subject]:
+    groups: dict[str, list[Subject]] = {}
+    for subject in artifacts:
+        if subject.checkpoint:
+            groups.setdefault(subject.checkpoint, []).append(subject)
+    if not artifacts:
+        if not config.baseline_model:
+            raise UsageError("nothing to benchmark: give artifact directories, or --baseline pytorch with --baseline-model")
+        groups[config.baseline_model] = []
+    modes = list(config.baselines)
+    if config.prompt_lookup and "eager" not in modes:
+        modes.append("eager")  # prompt lookup is measured on the eager baseline (dynamic cache)
+    baselines = []
+    for checkpoint, members in groups.items():
+        pairs: dict[tuple[int, int], None] = {}
+        if members:
+            for member in members:
+                pairs.update(dict.fromkeys((case.input_length, case.new_tokens) for case in member.cases))
+                pairs.update(dict.fromkeys(_input_pairs(config, member.sequence_length)[0]))
+        else:
+            sequence_length = config.sequence_length or DEFAULT_SEQUENCE_LENGTH
+            pair_list, length_notes = _input_pairs(config, sequence_length)
+            pairs.update(dict.fromkeys(pair_list))
+            notes += length_notes
+        batch_sizes = config.batch_sizes or sorted({member.batch_size for member in members}) or [1]
+        sequence_length = max([length + new for length, new in pairs] or [config.sequence_length or DEFAULT_SEQUENCE_LENGTH])
+        suffix = f"@{Path(checkpoint).name}" if len(groups) > 1 else ""
+        for mode in modes:
+            subject = Subject(
+                name=f"pytorch:{mode}{suffix}", kind="pytorch", path=str(Path(checkpoint).resolve()), target="pytorch",
+                sequence_length=sequence_length, mode=mode, dtype=config.baseline_dtype, precision=config.baseline_dtype,
+                weights="none", checkpoint=checkpoint, supports_prompt_lookup=(mode == "eager"),
+            )
+            if mode in config.baselines:
+                subject.cases = [Case(bs, length, new) for bs in batch_sizes for length, new in sorted(pairs)]
+            baselines.append(subject)
+    return baselines
+
+
+def _add_grounded_cases(config: BenchConfig, subjects: list[Subject], notes: list[str]) -> int:
+    """Batch-1 summarization prompt: greedy and prompt-lookup rows on every subject that can do it.
+    Returns the prompt's token budget (its length is known once it is tokenized)."""
+    able = [s for s in subjects if s.supports_prompt_lookup and s.batch_size in (None, 1)]
+    for subject in subjects:
+        if subject.kind == "pytorch" and not subject.supports_prompt_lookup:
+            continue  # measured on pytorch:eager; transformers has no static-cache prompt lookup
+        if not subject.supports_prompt_lookup:
+            notes.append(f"{subject.name}: no prompt-lookup rows (the {subject.target} runner does not support it)")
+        elif subject.batch_size not in (None, 1):
+            notes.append(f"{subject.name}: no prompt-lookup rows (pinned to batch size {subject.batch_size}, needs 1)")
+    if not able:
+        return 0
+    pinned = [s.sequence_length for s in able if s.kind == "artifact"]
+    budget = min(pinned) if pinned else (config.sequence_length or DEFAULT_SEQUENCE_LENGTH)
+    new = min(config.new_tokens or GROUNDED_NEW_TOKENS, budget // 2)
+    for subject in able:
+        subject.cases += [Case(1, -1, new, "grounded", 0), Case(1, -1, new, "grounded", config.prompt_lookup)]
+        subject.sequence_length = max(subject.sequence_length, budget)
+    return budget - new
+
+
+def tokenizer_dir(subjects: list[Subject]) -> Path:
+    """The one tokenizer every prompt is built with: the first subject's that has one."""
+    for subject in subjects:
+        candidate = Path(subject.tokenizer or subject.path)
+        if candidate.is_dir():
+            return candidate
+    raise UsageError("no subject has a tokenizer directory to build the prompts with")
+
+
+def build_prompts(config: BenchConfig, subjects: list[Subject], grounded_budget: int = 0) -> dict[tuple, list[list[int]]]:
+    """The prompt ids of every (batch size, input length, prompt kind): one tokenizer for all subjects."""
+    from transformers import AutoTokenizer
+
+    from llmopt.runners.base import read_eos_ids
+
+    directory = tokenizer_dir(subjects)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    vocab = prompt_module.normal_vocab(tokenizer, read_eos_ids(directory))
+    table: dict[tuple, list[list[int]]] = {}
+    grounded = None
+    for subject in subjects:
+        for case in subject.cases:
+            if case.prompt == "grounded":
+                if grounded is None:
+                    grounded = prompt_module.grounded_prompt(tokenizer, grounded_budget)
+                case.input_length = len(grounded)
+                table[(1, case.input_length, "grounded")] = [grounded]
+            else:
+                key = (case.batch_size, case.input_length, "synthetic")
+                if key not in table:
+                    table[key] = prompt_module.synthetic_batch(vocab, case.input_length, case.batch_size, config.seed)
+    return table
+
+
+def _worker_env() -> dict:
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[2])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def run_worker(plan: dict, workdir: Path, on_event: Callable[[dict], None]) -> dict:
+    """Run one subject in a fresh interpreter; returns its result (or {"error": ...})."""
+    plan_path, result_path, log_path = workdir / "plan.json", workdir / "result.json", workdir / "worker.log"
+    plan_path.write_text(json.dumps(plan))
+    result_path.unlink(missing_ok=True)
+    command = [sys.executable, "-m", "llmopt.benchmark", "worker", "--plan", str(plan_path), "--result", str(result_path)]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=_worker_env())
+        for line in process.stdout:
+            if line.startswith(PROGRESS_PREFIX):
+                on_event(json.loads(line[len(PROGRESS_PREFIX):]))
+        code = process.wait()
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    tail = [line for line in log_path.read_text(errors="replace").splitlines() if line.strip()][-3:]
+    return {"error": f"worker exited with code {code}" + (f": {tail[-1][:300]}" if tail else ""), "log_tail": tail}
+
+
+def _base_row(subject: Subject, case: Case | None) -> dict:
+    return {
+        "subject": subject.name, "kind": subject.kind, "target": subject.target, "mode": subject.mode,
+        "precision": subject.precision, "weights": subject.weights,
+        "batch_size": case.batch_size if case else None, "input_length": case.input_length if case else None,
+        "new_tokens": case.new_tokens if case else None, "prompt": case.prompt if case else None,
+        "decoding": case.decoding if case else None,
+    }
+
+
+def _rows_for(subject: Subject, result: dict, size_bytes: int | None) -> list[dict]:
+    rows = []
+    for case, note in subject.skipped:
+        rows.append({**_base_row(subject, case), "status": "skipped", "note": note})
+    outcomes = {item["id"]: item for item in result.get("cases", [])}
+    for index, case in enumerate(subject.cases):
+        row = _base_row(subject, case)
+        outcome = outcomes.get(index)
+        if outcome is None or "error" in outcome:
+            error = (outcome or {}).get("error") or result.get("error") or "not run"
+            rows.append({**row, "status": "error", "note": error})
+            continue
+        samples = outcome["samples"]
+        metrics, notes = summarize(samples, case.batch_size, case.input_length)
+        generated = min(samples["new_tokens"])
+        if generated < case.batch_size * case.new_tokens:
+            notes.insert(0, f"generated {generated} of {case.batch_size * case.new_tokens} tokens: the runner stopped "
+                            "early (end-of-sequence not ignored?); rates use the tokens generated")
+        row.update(status="ok", **metrics)
+        row.update(
+            peak_rss_mib=round(outcome["peak_rss_bytes"] / MIB, 1),
+            rss_after_load_mib=round(result["rss_after_load_bytes"] / MIB, 1),
+            load_s=round(result["load_s"], 3), first_call_s=round(outcome["first_call_s"], 3),
+            size_mib=round(size_bytes / MIB, 1) if size_bytes is not None else None,
+            threads=result["threads"], threads_how=result["threads_how"], rss_method=result["rss_method"],
+            runtimes=",".join(result.get("runtimes", [])),
+            note="; ".join(notes) or None,
+            samples={name: [round(value * 1000.0, 3) for value in values] if name.endswith("_s") else values
+                     for name, values in samples.items()},
+        )
+        rows.append(row)
+    return rows
+
+
+def _size_of(subject: Subject) -> int | None:
+    from llmopt.api import directory_size
+
+    path = Path(subject.path)
+    if path.is_file():
+        return path.stat().st_size
+    if subject.kind == "artifact":
+        return directory_size(path)
+    weights = [file for pattern in ("*.safetensors", "*.bin", "*.pt") for file in path.glob(pattern)]
+    return sum(file.stat().st_size for file in weights) or None
+
+
+def add_comparisons(rows: list[dict], subjects: list[Subject]) -> None:
+    """Each row's speedups against its reference: the eager baseline of its checkpoint (same case), or,
+    for a prompt-lookup row, the same subject's greedy row on the same prompt."""
+    by_name = {subject.name: subject for subject in subjects}
+    eager_of = {s.checkpoint: s.name for s in subjects if s.kind == "pytorch" and s.mode == "eager"}
+    index = {(row["subject"], row["batch_size"], row["input_length"], row["new_tokens"], row["prompt"], row["decoding"]): row
+             for row in rows if row["status"] == "ok"}
+    for row in rows:
+        row.setdefault("vs", None)
+        row.setdefault("decode_speedup", None)
+        row.setdefault("ttft_speedup", None)
+        if row["status"] != "ok":
+            continue
+        if row["decoding"] != "greedy":
+            reference_name = row["subject"]
+        else:
+            reference_name = eager_of.get(by_name[row["subject"]].checkpoint)
+            if reference_name == row["subject"]:
+                continue
+        key = (reference_name, row["batch_size"], row["input_length"], row["new_tokens"], row["prompt"], "greedy")
+        reference = index.get(key)
+        if reference is not None:
+            row.update(vs=reference_name, **speedups(row, reference))
+
+
+def run(config: BenchConfig, on_event: Callable[[dict], None] | None = None) -> BenchResult:
+    """Plan, run every subject in its own process, and return the rows (one per measurement)."""
+    if config.repetitions < 1:
+        raise UsageError("--repetitions must be at least 1")
+    if config.warmup < 0:
+        raise UsageError("--warmup must be 0 or more")
+    subjects, notes, grounded_budget = plan_subjects(config)
+    if not any(subject.cases for subject in subjects):
+        raise UsageError("nothing to run: no (batch size, input length) case fits any subject",
+                         hint="check --batch-sizes against the artifacts' pinned batch sizes, and --input-lengths")
+    table = build_prompts(config, subjects, grounded_budget)
+    threads = config.threads or default_threads()
+    if "compile" in config.baselines and config.warmup == 0:
+        notes.append("pytorch:compile with --warmup 0: the first repetition includes compilation")
+    machine = machine_info()
+    on_event = on_event or (lambda event: None)
+    total = sum(len(s.cases) * (config.warmup + config.repetitions) for s in subjects)
+    on_event({"event": "plan", "total": total, "subjects": [s.name for s in subjects if s.cases]})
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="llmopt-bench-") as tmp:
+        for number, subject in enumerate(subjects):
+            result: dict = {}
+            if subject.cases:
+                plan = {
+                    "subject": {key: value for key, value in asdict(subject).items() if key not in ("cases", "skipped")},
+                    "threads": threads, "warmup": config.warmup, "repetitions": config.repetitions,
+                    "verify": config.verify,
+                    "cases": [{"id": index, **asdict(case),
+                               "prompt_ids": table[(case.batch_size, case.input_length, case.prompt)]}
+                              for index, case in enumerate(subject.cases)],
+                }
+                workdir = Path(tmp) / str(number)
+                workdir.mkdir()
+                events.info(f"benchmarking {subject.name} ({len(subject.cases)} cases) in a fresh process")
+                result = run_worker(plan, workdir, lambda event, name=subject.name: on_event({**event, "subject": name}))
+                if "error" in result:
+                    events.warning(f"{subject.name}: {result['error']}")
+            rows += _rows_for(subject, result, _size_of(subject) if subject.cases else None)
+    add_comparisons(rows, subjects)
+    noisy = [row for row in rows if row.get("high_variance")]
+    if noisy:
+        events.warning(f"{len(noisy)} of {len(rows)} measurements have high variance (p90/median above "
+                       f"{HIGH_VARIANCE}): see their notes; a busy machine or too few repetitions")
+    return BenchResult(rows=rows, machine=machine, notes=notes)

@@ -1,0 +1,257 @@
+"""The OpenVINO target: optimum-intel's stateful export, run by openvino-genai's LLMPipeline.
+
+optimum-intel traces the checkpoint into one IR whose key/value cache lives in internal state
+(inputs ``input_ids``, ``attention_mask``, ``position_ids``, ``beam_idx``). We pin the batch
+dimension of those inputs to ``batch_size`` and save the weights exactly as the recipe asks:
+fp32 as is, fp16 compressed to fp16, bf16 traced and stored in bf16, and never optimum-intel's
+automatic int8 compression of models over a billion parameters. openvino-tokenizers writes
+``openvino_tokenizer.xml`` / ``openvino_detokenizer.xml`` beside the model, so the artifact also
+loads in plain ``openvino_genai.LLMPipeline(path, "CPU")`` with no llmopt code.
+
+OpenVINO's CPU plugin runs fp32 IR in bf16 on CPUs that have it, and keeps the f16 key/value
+cache optimum-intel writes into the IR's rt_info, unless told otherwise; so an fp32 artifact
+records ``INFERENCE_PRECISION_HINT: f32`` and ``KV_CACHE_PRECISION: f32`` for the runner. The IR
+itself keeps optimum-intel's f16 cache option: a KV_CACHE_PRECISION f32 there makes openvino-genai's
+paged attention refuse to compile under the default bf16 hint, and a plain ``LLMPipeline(path)``
+then falls back, silently, to the stateful loop, which cannot run a pinned batch.
+
+``shapes.static: true`` artifacts are built by ``llmopt.exporters.static`` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+from llmopt import events
+from llmopt._deps import require
+from llmopt.errors import LlmoptError, RecipeError
+from llmopt.exporters.base import Exporter, ExportResult
+from llmopt.recipe import Recipe
+
+LOADER = "openvino-genai"
+EXPORTER = "optimum.exporters.openvino.main_export"
+TASK = "text-generation-with-past"
+MODEL_FILE = "openvino_model.xml"
+TOKENIZER_FILE = "openvino_tokenizer.xml"
+DETOKENIZER_FILE = "openvino_detokenizer.xml"
+OV_CONFIG_FILE = "openvino_config.json"  # optimum-intel's own record of how the IR was built
+DEVICES = ("CPU", "GPU", "NPU", "AUTO")
+# Inputs of the stateful IR and where their batch dimension is; -1 leaves the sequence dynamic.
+BATCHED_INPUTS = {"input_ids": 2, "attention_mask": 2, "position_ids": 2, "beam_idx": 1}
+# Runtime properties per precision. fp16 keeps the device default (bf16 or f16 compute, f16 cache).
+PRECISION_OPTIONS = {
+    "fp32": {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"},
+    "fp16": {},
+    "bf16": {"INFERENCE_PRECISION_HINT": "bf16"},
+}
+# The torch dtype the checkpoint is traced in: fp16 is traced in fp32 and compressed when saved.
+TRACE_DTYPES = {"fp32": "float32", "fp16": "float32", "bf16": "bfloat16"}
+# optimum-intel's OVConfig.dtype: "fp16" compresses weights on save; None keeps the traced dtype.
+OPTIMUM_DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": None}
+
+
+class OpenVINOExporter(Exporter):
+    target = "openvino"
+    extra = "openvino"
+    backend_distributions = ("openvino", "openvino-tokenizers", "openvino-genai", "optimum-intel")
+
+    def check(self, recipe: Recipe) -> None:
+        if recipe.shapes.static:
+            from llmopt.exporters.static import check_static
+
+            check_static(recipe, "openvino")
+        if recipe.quantization.enabled:
+            from llmopt.quantize import openvino as quantize
+
+            quantize.check(recipe)
+        device = recipe.openvino.device
+        if device not in DEVICES:
+            raise RecipeError(f"openvino.device '{device}' is not an OpenVINO device; accepted: {', '.join(DEVICES)}")
+        backend = str(recipe.openvino.ov_config.get("ATTENTION_BACKEND", "PA")).upper()
+        if backend == "SDPA" and recipe.shapes.batch_size > 1 and not recipe.shapes.static:
+            # The stateful SDPA loop drops finished rows from the batch, which a pinned batch refuses.
+            raise RecipeError(
+                "openvino.ov_config ATTENTION_BACKEND 'SDPA' cannot run a pinned batch_size above 1; accepted: PA",
+                hint="remove ATTENTION_BACKEND from openvino.ov_config, or set shapes.batch_size: 1",
+            )
+
+    def plan(self, recipe: Recipe) -> dict[str, Any]:
+        if recipe.shapes.static:
+            from llmopt.exporters.static import static_plan
+
+            return static_plan(recipe, "openvino")
+        self.check(recipe)
+        if recipe.quantization.enabled:  # the fp export below, then NNCF weight compression
+            from llmopt.quantize import openvino as quantize
+
+            return quantize.plan(recipe)
+        dtype = recipe.precision.dtype
+        return {
+            "export": {
+                "call": EXPORTER,
+                "model_name_or_path": f"<local checkpoint of {recipe.model.id}>",
+                "output": "<temporary directory inside the artifact, removed after export>",
+                "task": TASK,
+                "stateful": True,
+                "ov_config": {"dtype": OPTIMUM_DTYPES[dtype], "quantization_config": None},
+                "model_loading_kwargs": {"torch_dtype": TRACE_DTYPES[dtype]},
+                "local_files_only": True,
+                "trust_remote_code": recipe.model.trust_remote_code,
+                "weights": "no compression (an explicit ov_config turns off optimum-intel's int8 default above 1B parameters)",
+            },
+            "reshape": reshape_shapes(recipe.shapes.batch_size),
+            "save": {
+                "call": "openvino.save_model",
+                "file": MODEL_FILE,
+                "compress_to_fp16": dtype == "fp16",
+            },
+            "tokenizer": {
+                "call": "openvino_tokenizers.convert_tokenizer",
+                "with_detokenizer": True,
+                "skip_special_tokens": True,
+                "files": [TOKENIZER_FILE, DETOKENIZER_FILE],
+            },
+            "runtime": runtime_options(recipe),
+        }
+
+    def preflight(self, recipe: Recipe) -> None:
+        require("openvino", extra=self.extra)
+        if recipe.shapes.static:
+            return
+        require("openvino_tokenizers", extra=self.extra, package="openvino-tokenizers")
+        require("openvino_genai", extra=self.extra, package="openvino-genai")
+        require("optimum.intel", extra=self.extra, package="optimum-intel")
+
+    def export(self, recipe: Recipe, checkpoint: Path, workdir: Path) -> ExportResult:
+        if recipe.shapes.static:
+            from llmopt.exporters.static import export_static
+
+            return export_static(recipe, checkpoint, workdir, "openvino")
+        if recipe.quantization.enabled:  # exports the fp IR through this method, then compresses it
+            from llmopt.quantize import openvino as quantize
+
+            return quantize.build(recipe, checkpoint, workdir)
+        # The IR is re-saved after the reshape, and never over the file it was read from (memory-mapped).
+        traced = workdir / "optimum-export"
+        run_optimum_export(recipe, checkpoint, traced)
+        shapes = pin_batch_dimension(recipe, traced / MODEL_FILE, workdir / MODEL_FILE)
+        for path in traced.iterdir():  # config.json, generation_config.json, tokenizer files
+            if not path.name.startswith("openvino_model."):
+                shutil.move(str(path), workdir / path.name)
+        shutil.rmtree(traced)
+        convert_tokenizer(checkpoint, workdir, recipe.model.trust_remote_code)
+        write_optimum_config(recipe, workdir)
+        return ExportResult(io=shapes, runtime=runtime_options(recipe))
+
+
+def reshape_shapes(batch_size: int) -> dict[str, list[int]]:
+    return {name: [batch_size, -1][:rank] for name, rank in BATCHED_INPUTS.items()}
+
+
+def runtime_options(recipe: Recipe) -> dict[str, Any]:
+    """How the runner opens the artifact: the recipe's ov_config wins over the precision defaults."""
+    ov_config = {**PRECISION_OPTIONS[recipe.precision.dtype], **recipe.openvino.ov_config}
+    return {
+        "loader": LOADER,
+        "model": MODEL_FILE,
+        "tokenizer": TOKENIZER_FILE,
+        "detokenizer": DETOKENIZER_FILE,
+        "device": recipe.openvino.device,
+        "ov_config": ov_config,
+        # openvino-genai's default scheduler reuses cached prompt prefixes across calls, which would
+        # make a repeated prompt's time to first token meaningless.
+        "scheduler_config": {"enable_prefix_caching": False},
+    }
+
+
+@contextlib.contextmanager
+def backend_output_hidden(backend: str) -> Iterator[None]:
+    """Keep a backend's prints and tracer warnings off the terminal (shown with LLMOPT_DEBUG, or on failure)."""
+    if os.environ.get("LLMOPT_DEBUG"):
+        yield
+        return
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            yield
+    except Exception:
+        tail = log.getvalue().strip().splitlines()[-20:]
+        if tail:
+            events.warning(f"{backend} output before the failure:\n" + "\n".join(tail))
+        raise
+
+
+def run_optimum_export(recipe: Recipe, checkpoint: Path, output: Path) -> None:
+    torch = require("torch", extra="openvino")
+    main_export = require("optimum.exporters.openvino", extra="openvino", package="optimum-intel").main_export
+    configuration = require("optimum.intel.openvino.configuration", extra="openvino", package="optimum-intel")
+    dtype = recipe.precision.dtype
+    events.info(f"tracing {recipe.model.id} with optimum-intel ({dtype}, stateful)")
+    with backend_output_hidden("optimum-intel"):
+        main_export(
+            str(checkpoint),
+            output=output,
+            task=TASK,
+            stateful=True,
+            # An explicit OVConfig with no quantization_config: optimum-intel then skips its int8 default.
+            ov_config=configuration.OVConfig(dtype=OPTIMUM_DTYPES[dtype]),
+            model_loading_kwargs={"torch_dtype": getattr(torch, TRACE_DTYPES[dtype])},
+            local_files_only=True,
+            trust_remote_code=recipe.model.trust_remote_code,
+            library_name="transformers",
+            convert_tokenizer=False,  # done below, where a failure is an error rather than a debug log line
+        )
+    if not (output / MODEL_FILE).is_file():
+        raise LlmoptError(f"optimum-intel wrote no {MODEL_FILE} for {recipe.model.id}")
+
+
+def pin_batch_dimension(recipe: Recipe, source: Path, destination: Path) -> dict[str, Any]:
+    """Fix the batch dimension of the IR's inputs and save it; return the io shapes."""
+    ov = require("openvino", extra="openvino")
+    model = ov.Core().read_model(source)
+    names = {port.get_any_name() for port in model.inputs}
+    missing = sorted(set(BATCHED_INPUTS) - names)
+    if missing:
+        raise LlmoptError(f"the exported IR lacks the stateful inputs {', '.join(missing)} (has {', '.join(sorted(names))})")
+    model.reshape({name: ov.PartialShape(shape) for name, shape in reshape_shapes(recipe.shapes.batch_size).items()})
+    shapes = {
+        "inputs": {port.get_any_name(): str(port.get_partial_shape()) for port in model.inputs},
+        "outputs": {port.get_any_name(): str(port.get_partial_shape()) for port in model.outputs},
+        "states": len(model.get_sinks()),
+    }
+    ov.save_model(model, destination, compress_to_fp16=recipe.precision.dtype == "fp16")
+    return shapes
+
+
+def convert_tokenizer(checkpoint: Path, workdir: Path, trust_remote_code: bool) -> None:
+    """openvino-tokenizers' tokenizer and detokenizer, with the chat template, as optimum-intel writes them."""
+    ov = require("openvino", extra="openvino")
+    openvino_tokenizers = require("openvino_tokenizers", extra="openvino", package="openvino-tokenizers")
+    transformers = require("transformers", extra="openvino")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"  # as optimum-intel sets it for text generation
+    try:
+        ov_tokenizer, ov_detokenizer = openvino_tokenizers.convert_tokenizer(
+            tokenizer, with_detokenizer=True, skip_special_tokens=True
+        )
+    except Exception as exc:  # openvino-tokenizers raises many types for an unsupported tokenizer
+        raise LlmoptError(
+            f"openvino-tokenizers cannot convert the {type(tokenizer).__name__} of {checkpoint}: {exc}",
+            hint="the openvino target needs a tokenizer that openvino-tokenizers supports",
+        ) from exc
+    from optimum.exporters.openvino.utils import set_simplified_chat_template
+
+    set_simplified_chat_template(ov_tokenizer)  # a template openvino-genai's Jinja can read, where one is known
+    ov.save_model(ov_tokenizer, workdir / TOKENIZER_FILE)
+    ov.save_model(ov_detokenizer, workdir / DETOKENIZER_FILE)
+
+
+def write_optimum_config(recipe: Recipe, workdir: Path) -> None:
+    """openvino_config.json, so optimum-intel's OVModelForCausalLM also opens the artifact as its own."""
+    configuration = require("optimum.intel.openvino.configuration", extra="openvino", package="optimum-intel")
+    configuration.OVConfig(dtype=recipe.precision.dtype).save_pretrained(workdir)

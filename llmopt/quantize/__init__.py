@@ -1,0 +1,135 @@
+"""Weight quantization: the part every target shares.
+
+Each target that can quantize has a module here (``llmopt.quantize.openvino``,
+``llmopt.quantize.onnx``) with the same four functions:
+
+* ``check(recipe)``: pure; RecipeError for a combination the backend cannot build.
+* ``plan(recipe) -> dict``: pure; the backend calls and arguments a build would make.
+* ``build(recipe, checkpoint, workdir) -> ExportResult``: a quantized artifact body from a checkpoint.
+* ``requantize(source_artifact, source_manifest, recipe, workdir) -> ExportResult``: the same from
+  an fp artifact of that target, keeping its shapes (RecipeError for an already-quantized one).
+
+The exporters delegate to these when ``recipe.quantization.enabled``; ``llmopt.api.quantize``
+calls ``requantize`` for an artifact source. Nothing here imports a backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from llmopt.errors import RecipeError
+from llmopt.recipe import Recipe
+
+BACKENDS: dict[str, str] = {
+    "openvino": "llmopt.quantize.openvino",
+    "onnx": "llmopt.quantize.onnx",
+}
+
+# Validation thresholds when the recipe sets none of its own (fp keeps Validation's defaults).
+# Measured on SmolLM2-135M (teacher-forced, 192 tokens of llmopt/data/validation.txt) with margin.
+DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
+    "int8": {"min_top1_agreement": 0.85, "max_mean_kl": 0.05},
+    "int4": {"min_top1_agreement": 0.70, "max_mean_kl": 0.30},
+    "fp8": {"min_top1_agreement": 0.85, "max_mean_kl": 0.05},
+}
+# Group sizes tried, largest first, when the recipe leaves quantization.group_size unset.
+GROUP_SIZES = (128, 64, 32, 16)
+
+
+def backend(target: str) -> ModuleType:
+    """The quantization module of ``target``; RecipeError for a target without one."""
+    if target not in BACKENDS:
+        raise RecipeError(
+            f"quantization is not supported for target '{target}' by llmopt quantize; "
+            f"accepted targets: {', '.join(BACKENDS)}",
+            hint="set quantization.weight_format: none",
+        )
+    return importlib.import_module(BACKENDS[target])
+
+
+def check(recipe: Recipe) -> None:
+    """The target's own check of the quantization section. Pure."""
+    if recipe.quantization.enabled:
+        backend(recipe.target).check(recipe)
+
+
+def with_default_thresholds(recipe: Recipe) -> Recipe:
+    """The recipe with per-format validation thresholds for those the user did not set."""
+    defaults = DEFAULT_THRESHOLDS.get(recipe.quantization.weight_format)
+    if not defaults:
+        return recipe
+    explicit = recipe.validation.model_fields_set
+    update = {name: value for name, value in defaults.items() if name not in explicit}
+    if not update:
+        return recipe
+    validation = recipe.validation.model_copy(update=update)
+    validation.__pydantic_fields_set__ = set(explicit)  # defaults stay defaults for the next caller
+    return recipe.model_copy(update={"validation": validation})
+
+
+# -- model dimensions and group sizes ---------------------------------------------------------
+
+
+def matmul_input_sizes(config: dict[str, Any]) -> dict[str, int]:
+    """Input-channel sizes of the decoder's linear layers, from a transformers config.json."""
+    hidden = int(config["hidden_size"])
+    heads = int(config.get("num_attention_heads") or 0)
+    head_dim = int(config.get("head_dim") or (hidden // heads if heads else hidden))
+    sizes = {"hidden_size": hidden, "attention output (heads x head_dim)": heads * head_dim if heads else hidden}
+    if config.get("intermediate_size"):
+        sizes["intermediate_size"] = int(config["intermediate_size"])
+    return sizes
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise RecipeError(f"cannot size quantization groups: {path} is missing")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def dividing_group_sizes(sizes: dict[str, int], candidates: tuple[int, ...] = GROUP_SIZES) -> list[int]:
+    return [size for size in candidates if all(value % size == 0 for value in sizes.values())]
+
+
+def choose_group_size(requested: int | None, sizes: dict[str, int]) -> int:
+    """``requested`` when it divides every layer's input size; the largest that does when None.
+
+    -1 (one group per output channel) always works.
+    """
+    working = dividing_group_sizes(sizes)
+    described = ", ".join(f"{name} {value}" for name, value in sizes.items())
+    if requested is None:
+        if not working:
+            return -1
+        return working[0]
+    if requested == -1 or all(value % requested == 0 for value in sizes.values()):
+        return requested
+    accepted = ", ".join(str(size) for size in [*working, -1])
+    raise RecipeError(
+        f"quantization.group_size {requested} does not divide the model's layer sizes ({described}); "
+        f"accepted: {accepted}",
+        hint="or leave quantization.group_size unset to pick the largest that divides",
+    )
+
+
+def check_source(source_manifest, recipe: Recipe) -> None:
+    """An artifact that can be quantized: fp weights, dynamic shapes, the recipe's target."""
+    quantization = source_manifest.quantization or {}
+    if quantization.get("weight_format", "none") != "none":
+        raise RecipeError(
+            f"the source artifact is already quantized (weight_format {quantization['weight_format']}); "
+            "quantizing it again would compound the error",
+            hint="quantize its fp artifact, or the checkpoint with -m",
+        )
+    if source_manifest.static:
+        raise RecipeError(
+            "quantizing a shapes.static artifact is not supported yet",
+            hint="quantize a dynamic-shape artifact, or the checkpoint with -m",
+        )
+    if source_manifest.target != recipe.target:
+        raise RecipeError(f"target '{recipe.target}' differs from the source artifact's '{source_manifest.target}'")

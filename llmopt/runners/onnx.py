@@ -1,0 +1,158 @@
+"""Run ONNX artifacts with onnxruntime-genai's native loop.
+
+The graph's batch dimension is pinned, so every call feeds exactly ``batch_size`` rows. Rows are
+right-padded: onnxruntime-genai masks the trailing pad tokens of each row and GroupQueryAttention
+tracks each row's own length, so every row decodes at its own positions. The pad id is overlaid
+to -1 at load (the artifact keeps the model's own): onnxruntime-genai treats every trailing pad
+id as padding, and a prompt may well end with the model's pad id (often its end-of-sequence
+token); -1 never ends a prompt and gathers a harmless embedding row under the mask. End tokens
+are llmopt's business too: onnxruntime-genai is told of none, so rows stop where ``generate`` says.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llmopt._deps import require
+from llmopt.errors import ArtifactError, PromptTooLongError, UsageError
+from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, SequenceOutput, TokenCallback
+
+PAD_ID = -1
+# onnxruntime-genai's provider names, and the device it reports once that provider is in use.
+OG_PROVIDERS = {"cuda": ("cuda", "CUDA")}
+GPU_HINT = "pip install 'llmopt[gpu]' (onnxruntime-gpu and onnxruntime-genai-cuda) on a machine with an NVIDIA GPU"
+
+
+class OnnxRunner(Runner):
+    target = "onnx"
+    extra = "onnx"
+    backend_distributions = ("onnxruntime-genai",)
+
+    def __init__(self, path: Path, batch_size: int, sequence_length: int, manifest=None):
+        super().__init__(path, batch_size, sequence_length, manifest)
+        self.og = require("onnxruntime_genai", extra="onnx", package="onnxruntime-genai")
+        runtime = manifest.runtime if manifest else {}
+        self.provider = runtime.get("provider", "cpu")
+        self.model = self._open_model()
+        self.vocab_size = int(json.loads((self.path / "genai_config.json").read_text())["model"]["vocab_size"])
+
+    def _open_model(self):
+        og = self.og
+        if self.provider != "cpu" and self.provider not in OG_PROVIDERS:
+            raise ArtifactError(f"artifact '{self.path}': provider '{self.provider}' is not supported by onnxruntime-genai")
+        if self.provider == "cuda" and not og.is_cuda_available():
+            raise ArtifactError(f"artifact '{self.path}' was built for provider cuda, and CUDA is not available here",
+                                hint=GPU_HINT)
+        config = og.Config(str(self.path))
+        config.clear_providers()
+        if self.provider in OG_PROVIDERS:
+            config.append_provider(OG_PROVIDERS[self.provider][0])
+        # llmopt decides where rows stop (eos_token_ids may change after load); onnxruntime-genai, told of
+        # no end token, never swaps a row's tokens for pads.
+        config.overlay(json.dumps({"model": {"pad_token_id": PAD_ID, "eos_token_id": [PAD_ID]}}))
+        model = og.Model(config)
+        if self.provider in OG_PROVIDERS and model.device_type.upper() != OG_PROVIDERS[self.provider][1]:
+            # No silent CPU fallback: a GPU artifact that ends up on the CPU is an error, not a slow run.
+            raise ArtifactError(
+                f"artifact '{self.path}' was built for provider {self.provider}, but onnxruntime-genai runs it on "
+                f"{model.device_type}",
+                hint=GPU_HINT,
+            )
+        return model
+
+    # -- generation -----------------------------------------------------------------------------
+
+    def _generator(self, sampling: SamplingConfig | None = None):
+        og = self.og
+        options = dict(max_length=self.sequence_length, batch_size=self.batch_size, do_sample=False)
+        if sampling is not None and not sampling.greedy:
+            options.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k,
+                           top_p=sampling.top_p, random_seed=sampling.seed)
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(**options)
+        return og.Generator(self.model, params)
+
+    def _check_batch(self, batch: list[list[int]]) -> None:
+        if len(batch) != self.batch_size:
+            raise UsageError(f"the artifact runs batches of exactly {self.batch_size} rows, got {len(batch)}")
+        limit = self.sequence_length - 1
+        for index, ids in enumerate(batch):
+            if not ids:
+                raise UsageError(f"row {index + 1} of the batch is empty")
+            if len(ids) > limit:
+                raise PromptTooLongError(
+                    f"prompt {index + 1} has {len(ids)} tokens but the artifact accepts at most {limit} "
+                    f"(sequence_length {self.sequence_length} minus one generated token)",
+                    hint="re-export with a larger --sequence-length, or shorten the prompt",
+                )
+
+    def generate(self, batch: list[list[int]], sampling: SamplingConfig, on_token: TokenCallback | None = None) -> BatchOutput:
+        self._check_batch(batch)
+        width = max(len(ids) for ids in batch)
+        max_new_tokens = min(sampling.max_new_tokens, self.sequence_length - width)
+        input_ids = np.full((self.batch_size, width), PAD_ID, dtype=np.int32)
+        for row, ids in enumerate(batch):
+            input_ids[row, :len(ids)] = ids
+        penalize = sampling.repetition_penalty != 1.0
+        seen = [list(ids) for ids in batch]  # for the repetition penalty: each row's prompt and output, no pads
+
+        started = time.perf_counter()
+        generator = self._generator(sampling)
+        generator.append_tokens(input_ids)
+        outputs: list[list[int]] = [[] for _ in batch]
+        finished = [False] * self.batch_size
+        first_token_at = None
+        for _ in range(max_new_tokens):
+            if penalize:
+                generator.set_logits(apply_repetition_penalty(generator.get_logits(), seen, sampling.repetition_penalty))
+            generator.generate_next_token()
+            tokens = generator.get_next_tokens().tolist()
+            if first_token_at is None:
+                first_token_at = time.perf_counter()
+            for row, token in enumerate(tokens):
+                if finished[row]:
+                    continue
+                outputs[row].append(token)
+                seen[row].append(token)
+                if on_token is not None:
+                    on_token(row, token)
+                finished[row] = token in self.eos_token_ids
+            if all(finished) or generator.is_done():
+                break
+        done_at = time.perf_counter()
+        first_token_at = first_token_at or done_at
+        del generator  # frees the KV buffer now, not at the next collection
+        return BatchOutput(
+            sequences=[SequenceOutput(tokens, "stop" if ended else "length") for tokens, ended in zip(outputs, finished)],
+            ttft_s=first_token_at - started,
+            decode_s=done_at - first_token_at,
+        )
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        if len(token_ids) > self.sequence_length:
+            raise PromptTooLongError(
+                f"{len(token_ids)} tokens do not fit the artifact's sequence_length {self.sequence_length}"
+            )
+        generator = self._generator()
+        # The batch dimension is pinned: feed batch_size copies and read the first row.
+        generator.append_tokens(np.array([token_ids] * self.batch_size, dtype=np.int32))
+        logits = generator.get_output("logits")[0]
+        del generator
+        return np.asarray(logits, dtype=np.float32)[:, : self.vocab_size]
+
+    def close(self) -> None:
+        self.model = None
+
+
+def apply_repetition_penalty(logits: np.ndarray, seen: list[list[int]], penalty: float) -> np.ndarray:
+    """transformers' rule on each row's prompt and output tokens (onnxruntime-genai's would see the pads)."""
+    logits = np.array(logits, dtype=np.float32)  # [batch, 1, vocab]
+    for row, ids in enumerate(seen):
+        ids = np.unique(np.asarray(ids, dtype=np.int64))
+        scores = logits[row, -1, ids]
+        logits[row, -1, ids] = np.where(scores < 0, scores * penalty, scores / penalty)
+    return logits

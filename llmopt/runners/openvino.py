@@ -1,0 +1,179 @@
+"""Run OpenVINO artifacts with openvino-genai's LLMPipeline.
+
+llmopt tokenizes and applies the chat template itself, so the pipeline gets token ids
+(``TokenizedInputs``, rows left-padded with the pad id and masked), never text: given a string,
+LLMPipeline would apply the chat template a second time. Prefix caching is off, so a repeated
+prompt is prefilled again and its time to first token stays honest. openvino-genai streams only a
+batch of one; a larger batch reports its tokens when the call returns.
+
+The pipeline exposes no logits, so ``logits`` compiles the IR itself with OpenVINO Core and the
+same properties, and runs the stateful model once over the sequence.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+import numpy as np
+
+from llmopt import artifact
+from llmopt._deps import require
+from llmopt.errors import PromptTooLongError, UsageError
+from llmopt.generation import check_prompt_length
+from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, SequenceOutput, TokenCallback
+
+MODEL_FILE = "openvino_model.xml"
+# Properties that only openvino-genai reads; OpenVINO Core refuses them.
+GENAI_ONLY_PROPERTIES = ("ATTENTION_BACKEND",)
+
+
+class OpenVINORunner(Runner):
+    target = "openvino"
+    extra = "openvino"
+    backend_distributions = ("openvino", "openvino-genai")
+
+    def __init__(self, path: Path, batch_size: int, sequence_length: int, manifest=None):
+        super().__init__(path, batch_size, sequence_length, manifest)
+        self.ov = require("openvino", extra="openvino")
+        self.genai = require("openvino_genai", extra="openvino", package="openvino-genai")
+        runtime = (manifest or artifact.read_manifest(self.path)).runtime
+        self.device = runtime.get("device", "CPU")
+        self.ov_config = dict(runtime.get("ov_config") or {})
+        self.scheduler_options = dict(runtime.get("scheduler_config") or {"enable_prefix_caching": False})
+        self.model_file = runtime.get("model", MODEL_FILE)
+        self.pad_token_id = self._pad_token_id()
+        self._pipeline = None  # both opened on first use: validation needs only the logits model
+        self._logits_request = None
+
+    def _pad_token_id(self) -> int:
+        tokenizer = self.tokenizer
+        if tokenizer.pad_token_id is not None:
+            return int(tokenizer.pad_token_id)
+        return min(self.eos_token_ids) if self.eos_token_ids else 0  # masked out either way
+
+    @property
+    def pipeline(self):
+        if self._pipeline is None:
+            properties = dict(self.ov_config)
+            if str(properties.get("ATTENTION_BACKEND", "PA")).upper() != "SDPA":
+                scheduler = self.genai.SchedulerConfig()
+                for name, value in self.scheduler_options.items():
+                    setattr(scheduler, name, value)
+                properties["scheduler_config"] = scheduler
+            self._pipeline = self.genai.LLMPipeline(str(self.path), self.device, **properties)
+        return self._pipeline
+
+    def _generation_config(self, sampling: SamplingConfig, max_new_tokens: int):
+        config = self.genai.GenerationConfig()
+        config.max_new_tokens = max_new_tokens
+        config.ignore_eos = False
+        if self.eos_token_ids:
+            config.eos_token_id = min(self.eos_token_ids)
+            config.stop_token_ids = set(self.eos_token_ids)
+        config.repetition_penalty = sampling.repetition_penalty
+        config.do_sample = not sampling.greedy
+        if not sampling.greedy:
+            config.temperature = sampling.temperature
+            config.top_p = sampling.top_p
+            if sampling.top_k > 0:  # 0 means no top-k limit, as in transformers
+                config.top_k = sampling.top_k
+            config.rng_seed = sampling.seed
+        return config
+
+    def _check_batch(self, batch: list[list[int]]) -> None:
+        if len(batch) != self.batch_size:
+            raise UsageError(f"the artifact runs batches of exactly {self.batch_size} rows, got {len(batch)}")
+        for index, ids in enumerate(batch):
+            check_prompt_length(ids, self.sequence_length, index)
+
+    def _inputs(self, batch: list[list[int]]):
+        width = max(len(ids) for ids in batch)
+        input_ids = np.full((len(batch), width), self.pad_token_id, dtype=np.int64)
+        attention_mask = np.zeros((len(batch), width), dtype=np.int64)
+        for row, ids in enumerate(batch):
+            input_ids[row, width - len(ids):] = ids
+            attention_mask[row, width - len(ids):] = 1
+        return self.genai.TokenizedInputs(self.ov.Tensor(input_ids), self.ov.Tensor(attention_mask)), width
+
+    def generate(self, batch: list[list[int]], sampling: SamplingConfig, on_token: TokenCallback | None = None) -> BatchOutput:
+        self._check_batch(batch)
+        inputs, width = self._inputs(batch)
+        max_new_tokens = min(sampling.max_new_tokens, self.sequence_length - width)
+        config = self._generation_config(sampling, max_new_tokens)
+        pipeline = self.pipeline
+        streamer = token_streamer_class(self.genai)(on_token) if on_token is not None and self.batch_size == 1 else None
+        started = time.perf_counter()
+        result = pipeline.generate(inputs, config, streamer)
+        done_at = time.perf_counter()
+        rows = [list(tokens)[:max_new_tokens] for tokens in result.tokens]
+        if on_token is not None and streamer is None:
+            for row, tokens in enumerate(rows):
+                for token in tokens:
+                    on_token(row, token)
+        ttft_s = min(result.perf_metrics.get_ttft().mean / 1000.0, done_at - started)
+        return BatchOutput(
+            sequences=[self._sequence(tokens) for tokens in rows],
+            ttft_s=ttft_s,
+            decode_s=done_at - started - ttft_s,
+        )
+
+    def _sequence(self, tokens: list[int]) -> SequenceOutput:
+        for index, token in enumerate(tokens):
+            if token in self.eos_token_ids:
+                return SequenceOutput(tokens[: index + 1], "stop")
+        return SequenceOutput(tokens, "length")
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        if len(token_ids) > self.sequence_length:
+            raise PromptTooLongError(
+                f"{len(token_ids)} tokens do not fit the artifact's sequence_length {self.sequence_length}"
+            )
+        request = self._logits_infer_request()
+        request.reset_state()  # the key/value cache is internal state: start from an empty one
+        length = len(token_ids)
+        # The batch dimension is pinned: feed batch_size copies and read the first row.
+        rows = self.batch_size
+        request.infer({
+            "input_ids": np.tile(np.asarray(token_ids, dtype=np.int64), (rows, 1)),
+            "attention_mask": np.ones((rows, length), dtype=np.int64),
+            "position_ids": np.tile(np.arange(length, dtype=np.int64), (rows, 1)),
+            "beam_idx": np.arange(rows, dtype=np.int32),
+        })
+        logits = request.get_tensor("logits").data[0]
+        request.reset_state()
+        return np.array(logits, dtype=np.float32)
+
+    def _logits_infer_request(self):
+        if self._logits_request is None:
+            properties = {key: value for key, value in self.ov_config.items() if key not in GENAI_ONLY_PROPERTIES}
+            compiled = self.ov.Core().compile_model(str(self.path / self.model_file), self.device, properties)
+            self._logits_request = compiled.create_infer_request()
+        return self._logits_request
+
+    def close(self) -> None:
+        self._pipeline = None
+        self._logits_request = None
+
+
+@functools.cache
+def token_streamer_class(genai):
+    """A StreamerBase subclass, made once openvino_genai is imported."""
+
+    class TokenStreamer(genai.StreamerBase):
+        """Hands each generated token of the one row to ``on_token`` as openvino-genai decodes it."""
+
+        def __init__(self, on_token: TokenCallback):
+            super().__init__()
+            self.on_token = on_token
+
+        def write(self, token):
+            for token_id in token if isinstance(token, list) else [token]:
+                self.on_token(0, int(token_id))
+            return genai.StreamingStatus.RUNNING
+
+        def end(self) -> None:
+            pass
+
+    return TokenStreamer

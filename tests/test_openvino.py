@@ -1,0 +1,348 @@
+"""The openvino target: optimum-intel's stateful IR run by openvino-genai, compared with PyTorch.
+
+Pure tests (check, plan) run anywhere; the rest export small artifacts and need the openvino
+extra. tiny_llama's greedy output only repeats the prompt's last token, so token-for-token parity
+is also checked on ``untied_llama`` (shared with test_onnx), whose greedy text depends on the whole
+context. torch runs on one thread beside OpenVINO, whose threads it would otherwise fight.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmopt import api, artifact, generation
+from llmopt.errors import PromptTooLongError, RecipeError, UsageError
+from llmopt.recipe import resolve
+from llmopt.runners.base import SamplingConfig
+from tests.test_onnx import untied_llama  # noqa: F401  (a fixture: the random Llama with an untied head)
+
+pytestmark = pytest.mark.openvino
+
+INSTALL_HINT = "the openvino extra is not installed: pip install 'llmopt[openvino]'"
+PROMPTS = [  # different lengths, so batches are padded
+    "Hi",
+    "The quick brown fox jumps over the lazy dog.",
+    "Compilers turn programs into machine code; runtimes execute them quickly.",
+    "def generate(tokens):\n    return model(tokens)",
+]
+
+
+def needs_openvino_genai():
+    pytest.importorskip("openvino_genai", reason=INSTALL_HINT)
+    pytest.importorskip("optimum.intel", reason=INSTALL_HINT)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _torch_on_one_thread():
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def openvino_recipe(model: Path | str, batch_size: int = 1, sequence_length: int = 64, **overrides):
+    return resolve(None, {"model": str(model), "target": "openvino", "shapes.batch_size": batch_size,
+                          "shapes.sequence_length": sequence_length, **overrides})
+
+
+def export(tmp_path_factory, model: Path, batch_size: int, sequence_length: int, **overrides) -> Path:
+    needs_openvino_genai()
+    output = tmp_path_factory.mktemp("openvino") / f"b{batch_size}-s{sequence_length}"
+    api.export(openvino_recipe(model, batch_size, sequence_length, **overrides), output)
+    return output
+
+
+def pytorch_results(checkpoint: Path, manifest, prompts: list[str], sampling: SamplingConfig, chat: bool = True):
+    """PyTorch on the same prompts, batched and length-limited like the artifact."""
+    from llmopt.runners.pytorch import PyTorchRunner
+
+    runner = PyTorchRunner.from_checkpoint(checkpoint, batch_size=manifest.batch_size,
+                                           sequence_length=manifest.sequence_length, threads=1)
+    try:
+        return generation.generate(runner, prompts, sampling, chat=chat)
+    finally:
+        runner.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_b1(tiny_llama, tmp_path_factory) -> Path:
+    return export(tmp_path_factory, tiny_llama, batch_size=1, sequence_length=64)
+
+
+@pytest.fixture(scope="module")
+def untied_b1(untied_llama, tmp_path_factory) -> Path:  # noqa: F811
+    return export(tmp_path_factory, untied_llama, batch_size=1, sequence_length=96)
+
+
+@pytest.fixture(scope="module")
+def untied_b4(untied_llama, tmp_path_factory) -> Path:  # noqa: F811
+    return export(tmp_path_factory, untied_llama, batch_size=4, sequence_length=96)
+
+
+# -- check and plan: pure ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        ({"openvino.device": "TPU"}, "openvino.device"),
+        ({"openvino.ov_config": {"ATTENTION_BACKEND": "SDPA"}, "shapes.batch_size": 4}, "openvino.ov_config"),
+    ],
+)
+def test_check_refuses_what_the_target_cannot_honour(overrides, field):
+    with pytest.raises(RecipeError, match=field.replace(".", r"\.")) as error:
+        api.plan(openvino_recipe("some/model", **overrides))
+    assert "accepted" in str(error.value)
+
+
+def test_plan_names_the_export_call_the_pinned_batch_and_the_runtime():
+    plan = api.plan(openvino_recipe("some/model", batch_size=4, sequence_length=256))["plan"]
+    export_call = plan["export"]
+    assert export_call["call"] == "optimum.exporters.openvino.main_export"
+    assert (export_call["task"], export_call["stateful"]) == ("text-generation-with-past", True)
+    assert export_call["ov_config"] == {"dtype": "fp32", "quantization_config": None}
+    assert plan["reshape"] == {"input_ids": [4, -1], "attention_mask": [4, -1], "position_ids": [4, -1], "beam_idx": [4]}
+    assert plan["save"]["compress_to_fp16"] is False
+    assert plan["tokenizer"]["with_detokenizer"] is True
+    runtime = plan["runtime"]
+    assert runtime["loader"] == "openvino-genai" and runtime["device"] == "CPU"
+    assert runtime["ov_config"] == {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"}
+    assert runtime["scheduler_config"] == {"enable_prefix_caching": False}
+    assert json.loads(json.dumps(plan)) == plan
+
+
+def test_plan_follows_the_precision_and_the_recipe_ov_config():
+    fp16 = api.plan(openvino_recipe("some/model", **{"precision.dtype": "fp16"}))["plan"]
+    assert fp16["save"]["compress_to_fp16"] is True and fp16["runtime"]["ov_config"] == {}
+    bf16 = api.plan(openvino_recipe("some/model", **{"precision.dtype": "bf16"}))["plan"]
+    assert bf16["export"]["model_loading_kwargs"] == {"torch_dtype": "bfloat16"}
+    assert bf16["runtime"]["ov_config"] == {"INFERENCE_PRECISION_HINT": "bf16"}
+    own = api.plan(openvino_recipe("some/model", **{"openvino.ov_config": {"NUM_STREAMS": 2, "KV_CACHE_PRECISION": "u8"}}))
+    assert own["plan"]["runtime"]["ov_config"] == {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "u8",
+                                                   "NUM_STREAMS": 2}
+
+
+def test_static_shapes_take_the_static_path():
+    plan = api.plan(openvino_recipe("some/model", **{"shapes.static": True}))["plan"]
+    assert plan["static"] is True and plan["backend"] == "openvino" and "export" not in plan
+
+
+# -- export --------------------------------------------------------------------------------------
+
+
+def test_export_writes_a_complete_manifest(tiny_b1):
+    manifest = artifact.load(tiny_b1)  # re-hashes every file
+    assert manifest.target == "openvino" and manifest.shapes == {"batch_size": 1, "sequence_length": 64, "static": False}
+    for name in ("openvino", "openvino-tokenizers", "openvino-genai", "optimum-intel"):
+        assert manifest.backend_versions[name], name
+    assert {"openvino_model.xml", "openvino_model.bin", "openvino_tokenizer.xml", "openvino_detokenizer.xml",
+            "openvino_config.json", "generation_config.json", "tokenizer.json"} <= set(manifest.files)
+    assert all(len(digest) == 64 for digest in manifest.files.values())
+    assert manifest.io["inputs"] == {"input_ids": "[1,?]", "attention_mask": "[1,?]", "position_ids": "[1,?]",
+                                     "beam_idx": "[1]"}
+    assert manifest.io["outputs"]["logits"].startswith("[1,?,") and manifest.io["states"] == 4
+    assert manifest.runtime["loader"] == "openvino-genai"
+    assert manifest.validation["passed"] and manifest.validation["top1_agreement"] >= 0.99
+    assert not list(tiny_b1.parent.glob("*.partial-*")) and not (tiny_b1 / "optimum-export").exists()
+
+
+def test_model_batch_dimension_is_pinned(untied_b4):
+    import openvino as ov
+
+    model = ov.Core().read_model(untied_b4 / "openvino_model.xml")
+    for port in model.inputs:
+        assert port.get_partial_shape()[0] == ov.Dimension(4), port.get_any_name()
+    assert model.input("input_ids").get_partial_shape()[1].is_dynamic
+
+
+def test_fp32_artifact_compiles_to_fp32(untied_b4):
+    import openvino as ov
+
+    manifest = artifact.read_manifest(untied_b4)
+    runtime = manifest.runtime
+    compiled = ov.Core().compile_model(untied_b4 / runtime["model"], runtime["device"], runtime["ov_config"])
+    assert compiled.get_property("INFERENCE_PRECISION_HINT") == ov.Type.f32
+    assert compiled.get_property("KV_CACHE_PRECISION") == ov.Type.f32
+
+
+def test_fp16_artifact_stores_fp16_weights_and_validates(untied_llama, tmp_path_factory):  # noqa: F811
+    import openvino as ov
+
+    path = export(tmp_path_factory, untied_llama, batch_size=1, sequence_length=64, **{"precision.dtype": "fp16"})
+    manifest = artifact.read_manifest(path)
+    assert manifest.precision == "fp16" and manifest.validation["passed"]
+    model = ov.Core().read_model(path / "openvino_model.xml")
+    weights = [op for op in model.get_ops() if op.get_type_name() == "Constant" and len(op.shape) == 2]
+    assert weights and all(op.get_element_type() == ov.Type.f16 for op in weights)
+
+
+def test_artifact_loads_in_plain_openvino_genai(untied_b4, untied_llama):  # noqa: F811
+    # With no properties at all it runs a string through its own tokenizer and chat template; with
+    # the manifest's properties, a single row of token ids (the pinned batch does not bind genai).
+    prompt_ids = [1, 17, 42, 99, 7, 300, 12]
+    script = (
+        "import json, sys, numpy as np, openvino as ov, openvino_genai as genai\n"
+        "text = genai.LLMPipeline(sys.argv[1], 'CPU').generate('Hi', genai.GenerationConfig(max_new_tokens=4))\n"
+        "assert isinstance(text, str), type(text)\n"
+        "properties = json.load(open(sys.argv[1] + '/llmopt.json'))['runtime']['ov_config']\n"
+        "pipe = genai.LLMPipeline(sys.argv[1], 'CPU', **properties)\n"
+        "ids = np.array([json.loads(sys.argv[2])], dtype=np.int64)\n"
+        "inputs = genai.TokenizedInputs(ov.Tensor(ids), ov.Tensor(np.ones_like(ids)))\n"
+        "result = pipe.generate(inputs, genai.GenerationConfig(max_new_tokens=12))\n"
+        "assert not any(name.startswith('llmopt') for name in sys.modules)\n"
+        "print(json.dumps([int(token) for token in result.tokens[0]]))\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script, str(untied_b4), json.dumps(prompt_ids)],
+                               capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    tokens = json.loads(completed.stdout.strip().splitlines()[-1])
+
+    from llmopt.runners.pytorch import PyTorchRunner
+
+    reference = PyTorchRunner.from_checkpoint(untied_llama, threads=1)  # generation_config.json's eos, as genai reads it
+    expected = reference.generate([prompt_ids], SamplingConfig(max_new_tokens=12)).sequences[0].token_ids
+    assert tokens == expected
+
+
+# -- generation: token for token with PyTorch ----------------------------------------------------
+
+
+@pytest.mark.parametrize("artifact_name", ["tiny_b1", "untied_b1", "untied_b4"])
+def test_greedy_run_matches_pytorch(artifact_name, request, tiny_llama, untied_llama):  # noqa: F811
+    path = request.getfixturevalue(artifact_name)
+    checkpoint = tiny_llama if artifact_name.startswith("tiny") else untied_llama
+    manifest = artifact.read_manifest(path)
+    results = api.run(path, PROMPTS, temperature=0.0, max_new_tokens=24)
+    expected = pytorch_results(checkpoint, manifest, PROMPTS, SamplingConfig(max_new_tokens=24))
+    assert len({r.prompt_tokens for r in results}) == len(PROMPTS)
+    for got, want in zip(results, expected):
+        assert got.token_ids == want.token_ids, got.prompt
+        assert got.finish_reason == want.finish_reason
+        assert got.ttft_ms > 0
+
+
+def test_repetition_penalty_matches_pytorch(untied_b4, untied_llama):  # noqa: F811
+    sampling = SamplingConfig(max_new_tokens=24, repetition_penalty=1.3)
+    runner = api.open_runner(untied_b4)
+    try:
+        results = generation.generate(runner, PROMPTS, sampling, chat=False)
+    finally:
+        runner.close()
+    expected = pytorch_results(untied_llama, runner.manifest, PROMPTS, sampling, chat=False)
+    assert [r.token_ids for r in results] == [r.token_ids for r in expected]
+
+
+def test_rows_stop_at_their_own_end_of_sequence(untied_b4, untied_llama):  # noqa: F811
+    # openvino-genai drops finished rows mid-batch: the pinned batch must still run to the end.
+    from llmopt.runners.pytorch import PyTorchRunner
+
+    runner = api.open_runner(untied_b4)
+    reference = PyTorchRunner.from_checkpoint(untied_llama, batch_size=4, threads=1)
+    batch = [generation.encode_prompt(runner.tokenizer, prompt, chat=False) for prompt in PROMPTS]
+    sampling = SamplingConfig(max_new_tokens=16)
+    free = runner.generate(batch, sampling).sequences
+    row_one = free[1].token_ids
+    stop_at = next(i for i in range(2, len(row_one)) if row_one[i] not in row_one[:i])
+    stop_token = row_one[stop_at]  # row 1 stops there; the other rows wherever they meet it
+    runner.eos_token_ids = reference.eos_token_ids = {stop_token}
+    streamed: dict[int, list[int]] = {}
+    got = runner.generate(batch, sampling, on_token=lambda row, token: streamed.setdefault(row, []).append(token))
+    want = reference.generate(batch, sampling)
+    runner.close()
+    assert got.sequences[1].token_ids == row_one[: stop_at + 1] and got.sequences[1].finish_reason == "stop"
+    for row in range(4):
+        assert got.sequences[row].token_ids == want.sequences[row].token_ids
+        assert got.sequences[row].finish_reason == want.sequences[row].finish_reason
+        assert streamed[row] == got.sequences[row].token_ids
+
+
+def test_batch_of_one_streams_while_generating(untied_b1):
+    runner = api.open_runner(untied_b1)
+    try:
+        batch = [generation.encode_prompt(runner.tokenizer, PROMPTS[1], chat=False)]
+        streamed: list[int] = []
+        output = runner.generate(batch, SamplingConfig(max_new_tokens=12), on_token=lambda row, token: streamed.append(token))
+    finally:
+        runner.close()
+    assert streamed == output.sequences[0].token_ids and len(streamed) > 1
+    assert output.ttft_s > 0 and output.decode_s > 0
+
+
+def test_generation_reaching_sequence_length_stops_with_length(tiny_b1):
+    result = api.run(tiny_b1, ["hello"], temperature=0.0, max_new_tokens=1000)[0]
+    assert result.finish_reason == "length"
+    assert result.prompt_tokens + len(result.token_ids) == 64
+
+
+def test_prompt_longer_than_the_artifact_is_refused(tiny_b1):
+    with pytest.raises(PromptTooLongError, match="at most 63"):
+        api.run(tiny_b1, ["fox " * 100], max_new_tokens=4)
+    runner = api.open_runner(tiny_b1)
+    try:
+        with pytest.raises(PromptTooLongError):
+            runner.generate([[5] * 64], SamplingConfig(max_new_tokens=1))
+        with pytest.raises(UsageError, match="exactly 1 rows"):
+            runner.generate([[5], [6]], SamplingConfig(max_new_tokens=1))
+    finally:
+        runner.close()
+
+
+def test_teacher_forced_logits_match_pytorch_with_a_pinned_batch(untied_b4, untied_llama):  # noqa: F811
+    from llmopt.runners.pytorch import PyTorchRunner
+
+    token_ids = list(range(3, 99))  # the whole sequence_length
+    runner = api.open_runner(untied_b4)
+    try:
+        logits = runner.logits(token_ids)
+        again = runner.logits(token_ids[:10])  # state from the first call must not leak in
+    finally:
+        runner.close()
+    expected = PyTorchRunner.from_checkpoint(untied_llama, threads=1).logits(token_ids)
+    assert logits.shape == expected.shape and logits.dtype == np.float32
+    np.testing.assert_allclose(logits, expected, atol=1e-3, rtol=1e-3)
+    np.testing.assert_allclose(again, expected[:10], atol=1e-3, rtol=1e-3)
+
+
+def test_sampling_is_seeded(untied_b1):
+    runs = [api.run(untied_b1, ["Hi"], temperature=1.0, top_k=0, seed=seed, max_new_tokens=16)[0].token_ids
+            for seed in (7, 7)]
+    assert runs[0] == runs[1] and len(runs[0]) > 0
+
+
+# -- the real model ------------------------------------------------------------------------------
+
+CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about compilers.", "List three colors.",
+                "Explain recursion in one sentence."]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_smollm2_greedy_matches_pytorch(smollm2, tmp_path_factory, batch_size):
+    path = export(tmp_path_factory, smollm2, batch_size=batch_size, sequence_length=256)
+    manifest = artifact.read_manifest(path)
+    assert manifest.validation["passed"] and manifest.validation["top1_agreement"] >= 0.99
+    prompts = CHAT_PROMPTS[:batch_size]
+    results = api.run(path, prompts, temperature=0.0, max_new_tokens=32)
+    expected = pytorch_results(smollm2, manifest, prompts, SamplingConfig(max_new_tokens=32))
+    for got, want in zip(results, expected):
+        assert got.token_ids == want.token_ids, got.prompt
+        assert got.text == want.text
+    if batch_size == 1:
+        import openvino as ov
+        import openvino_tokenizers  # noqa: F401  (registers the tokenizer operations with OpenVINO)
+        from transformers import AutoTokenizer
+
+        text = "Héllo wörld,\n  naïve café"
+        core = ov.Core()
+        tokenizer = core.compile_model(path / "openvino_tokenizer.xml", "CPU")
+        detokenizer = core.compile_model(path / "openvino_detokenizer.xml", "CPU")
+        ids = tokenizer([text])["input_ids"]
+        assert ids[0].tolist() == AutoTokenizer.from_pretrained(smollm2).encode(text)
+        assert detokenizer(ids)["string_output"].tolist() == [text]

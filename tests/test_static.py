@@ -1,0 +1,316 @@
+"""Fully static-shape artifacts (``shapes.static: true``) for the onnx and openvino targets.
+
+Pure tests (plan, check) run anywhere; the rest export small artifacts through ``api.export`` and
+need the target's extra. tiny_llama's greedy output mostly repeats a token, so greedy parity is
+checked on ``context_llama`` (a wider random init whose greedy text depends on the context), and
+the cache handling is checked step by step against PyTorch's logits (teacher forcing).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmopt import api, artifact, generation
+from llmopt.errors import RecipeError
+from llmopt.recipe import resolve
+from llmopt.runners.base import SamplingConfig
+
+SEQUENCE_LENGTH = 64
+BACKEND_LIBRARIES = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "onnx")}
+BACKENDS = [pytest.param("onnx", marks=pytest.mark.onnx), pytest.param("openvino", marks=pytest.mark.openvino)]
+PROMPTS = [  # different lengths, so rows are padded and decode at different positions
+    "Hi",
+    "The quick brown fox jumps over the lazy dog.",
+    "Compilers turn programs into machine code; runtimes execute them quickly.",
+    "def generate(tokens):\n    return model(tokens)",
+]
+
+
+def needs(backend: str) -> None:
+    for module in BACKEND_LIBRARIES[backend]:
+        pytest.importorskip(module, reason=f"the {backend} extra is not installed: pip install 'llmopt[{backend}]'")
+
+
+def static_recipe(model: Path | str, backend: str, batch_size: int = 1, sequence_length: int = SEQUENCE_LENGTH, **overrides):
+    return resolve(None, {"model.id": str(model), "target": backend, "shapes.static": True,
+                          "shapes.sequence_length": sequence_length, "shapes.batch_size": batch_size, **overrides})
+
+
+@pytest.fixture(scope="module")
+def context_llama(tiny_llama, tmp_path_factory) -> Path:
+    """tiny_llama's tokenizer on a random Llama with an untied head and a wider init."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("context-llama")
+    for file in tiny_llama.iterdir():
+        if file.name not in ("config.json", "model.safetensors"):
+            shutil.copy2(file, directory / file.name)
+    base = json.loads((tiny_llama / "config.json").read_text())
+    torch.manual_seed(2)
+    config = LlamaConfig(
+        vocab_size=base["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
+        bos_token_id=base["bos_token_id"], eos_token_id=base["eos_token_id"], pad_token_id=base["pad_token_id"],
+        tie_word_embeddings=False,
+    )
+    LlamaForCausalLM(config).eval().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """export(model, backend, batch_size) -> artifact path, each built once per module."""
+    built: dict[tuple, Path] = {}
+
+    def export(model: Path, backend: str, batch_size: int, sequence_length: int = SEQUENCE_LENGTH) -> Path:
+        needs(backend)
+        key = (str(model), backend, batch_size, sequence_length)
+        if key not in built:
+            output = tmp_path_factory.mktemp("static") / f"{backend}-b{batch_size}-s{sequence_length}"
+            api.export(static_recipe(model, backend, batch_size, sequence_length), output)
+            built[key] = output
+        return built[key]
+
+    return export
+
+
+def encode(tokenizer, prompts: list[str], batch_size: int) -> list[list[int]]:
+    batch = [tokenizer.encode(prompt) for prompt in prompts][:batch_size]
+    return batch + [batch[-1]] * (batch_size - len(batch))
+
+
+def pytorch_greedy(checkpoint: Path, batch: list[list[int]], max_new_tokens: int):
+    from llmopt.runners.pytorch import PyTorchRunner
+
+    runner = PyTorchRunner.from_checkpoint(checkpoint, batch_size=len(batch), threads=1)
+    try:
+        return runner.generate(batch, SamplingConfig(max_new_tokens=max_new_tokens))
+    finally:
+        runner.close()
+
+
+# --------------------------------------------------------------------------- pure
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+def test_plan_names_two_graphs_with_only_fixed_dimensions(backend):
+    plan = api.plan(static_recipe("some/model", backend, batch_size=4, sequence_length=128))["plan"]
+    assert plan["static"] is True and plan["backend"] == backend and plan["opset"] >= 17
+    prefill, decode = plan["io"]["prefill"], plan["io"]["decode"]
+    assert prefill["inputs"]["input_ids"]["shape"] == [4, 128]
+    assert prefill["inputs"]["attention_mask"]["shape"] == [4, 1, 128, 128]
+    assert decode["inputs"]["input_ids"]["shape"] == [4, 1]
+    assert decode["inputs"]["attention_mask"]["shape"] == [4, 1, 1, 129]
+    assert decode["inputs"]["past_keys"]["shape"] == ["num_layers", 4, "num_kv_heads", 128, "head_dim"]
+    assert decode["outputs"]["new_keys"]["shape"] == ["num_layers", 4, "num_kv_heads", 1, "head_dim"]
+    files = {"onnx": ["prefill.onnx", "decode.onnx"], "openvino": ["prefill.xml", "decode.xml"]}[backend]
+    assert [plan["graphs"][name][0] for name in ("prefill", "decode")] == files
+
+
+def test_openvino_plan_pins_fp32_inference_precision():
+    runtime = api.plan(static_recipe("some/model", "openvino"))["plan"]["runtime"]
+    assert runtime["ov_config"] == {"INFERENCE_PRECISION_HINT": "f32"}
+    runtime = api.plan(static_recipe("some/model", "openvino", **{"openvino.ov_config": {"NUM_STREAMS": 1}}))["plan"]["runtime"]
+    assert runtime["ov_config"] == {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1}
+
+
+@pytest.mark.parametrize("backend", ["onnx", "openvino"])
+@pytest.mark.parametrize("field, value, words", [
+    ("precision.dtype", "bf16", "accepted: fp32, fp16"),
+    ("quantization.weight_format", "int8", "not supported with shapes.static"),
+])
+def test_static_refuses_what_it_cannot_build(backend, field, value, words):
+    with pytest.raises(RecipeError, match=words):
+        api.plan(static_recipe("some/model", backend, **{field: value}))
+
+
+# --------------------------------------------------------------------------- exported graphs
+
+
+def graph_dims(path: Path, backend: str) -> dict[str, dict[str, dict[str, list]]]:
+    """Every input and output dimension as stored in the graph files (None for a dynamic one)."""
+    dims = {}
+    for graph in ("prefill", "decode"):
+        if backend == "onnx":
+            import onnx
+
+            model = onnx.load(str(path / f"{graph}.onnx"), load_external_data=False)
+            read = lambda values: {v.name: [d.dim_value if d.HasField("dim_value") else None  # noqa: E731
+                                            for d in v.type.tensor_type.shape.dim] for v in values}
+            dims[graph] = {"inputs": read(model.graph.input), "outputs": read(model.graph.output)}
+        else:
+            import openvino as ov
+
+            model = ov.Core().read_model(str(path / f"{graph}.xml"))
+            read = lambda ports: {p.get_any_name(): [d.get_length() if d.is_static else None  # noqa: E731
+                                                     for d in p.get_partial_shape()] for p in ports}
+            dims[graph] = {"inputs": read(model.inputs), "outputs": read(model.outputs)}
+    return dims
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_every_graph_dimension_is_fixed_to_the_recipe(tiny_llama, exported, backend, batch_size):
+    path = exported(tiny_llama, backend, batch_size)
+    manifest = artifact.load(path)
+    assert manifest.static and manifest.runtime["loader"] == "llmopt-static"
+    dims = graph_dims(path, backend)
+    expected = {graph: {side: {name: spec["shape"] for name, spec in ports.items()} for side, ports in io.items()}
+                for graph, io in manifest.io.items()}
+    assert dims == expected
+    config = json.loads((tiny_llama / "config.json").read_text())
+    cache = [config["num_hidden_layers"], batch_size, config["num_key_value_heads"], SEQUENCE_LENGTH,
+             config["hidden_size"] // config["num_attention_heads"]]
+    assert dims["prefill"]["inputs"]["input_ids"] == [batch_size, SEQUENCE_LENGTH]
+    assert dims["prefill"]["outputs"]["present_keys"] == cache
+    assert dims["decode"]["inputs"]["past_values"] == cache
+    assert dims["decode"]["inputs"]["attention_mask"] == [batch_size, 1, 1, SEQUENCE_LENGTH + 1]
+    assert dims["decode"]["outputs"]["logits"] == [batch_size, 1, config["vocab_size"]]
+
+
+@pytest.mark.onnx
+def test_onnx_graphs_share_one_weights_file(tiny_llama, exported):
+    import onnx
+
+    path = exported(tiny_llama, "onnx", 1)
+    locations = set()
+    for graph in ("prefill", "decode"):
+        model = onnx.load(str(path / f"{graph}.onnx"), load_external_data=False)
+        for tensor in model.graph.initializer:
+            locations.update(entry.value for entry in tensor.external_data if entry.key == "location")
+    assert locations == {"weights.bin"}
+    assert sorted(file.name for file in path.glob("*.onnx*")) == ["decode.onnx", "prefill.onnx"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_export_validates_against_pytorch(tiny_llama, exported, backend, batch_size):
+    validation = artifact.load(exported(tiny_llama, backend, batch_size)).validation
+    assert validation["passed"] and validation["top1_agreement"] == 1.0 and validation["mean_kl"] < 1e-6
+    assert validation["tokens"] == SEQUENCE_LENGTH
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_greedy_tokens_equal_pytorch(context_llama, exported, backend, batch_size):
+    runner = api.open_runner(exported(context_llama, backend, batch_size))
+    assert type(runner).__name__ == {"onnx": "OnnxStaticRunner", "openvino": "OpenVINOStaticRunner"}[backend]
+    batch = encode(runner.tokenizer, PROMPTS, batch_size)
+    new_tokens = SEQUENCE_LENGTH - max(len(ids) for ids in batch)
+    output = runner.generate(batch, SamplingConfig(max_new_tokens=new_tokens))
+    reference = pytorch_greedy(context_llama, batch, new_tokens)
+    for ours, theirs in zip(output.sequences, reference.sequences):
+        assert ours.token_ids == theirs.token_ids
+        assert ours.finish_reason == theirs.finish_reason
+    assert len(set(output.sequences[-1].token_ids)) > 3  # a context-dependent text, not one repeated token
+    assert output.ttft_s > 0 and output.decode_s > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_decode_steps_match_pytorch_logits(context_llama, exported, backend):
+    """Prefill, then feed a fixed continuation one token per step: each step's logits equal PyTorch's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    runner = api.open_runner(exported(context_llama, backend, 4))
+    batch = encode(runner.tokenizer, PROMPTS, 4)
+    continuation = runner.tokenizer.encode(" and then the compiler ran.")[:8]
+    model = AutoModelForCausalLM.from_pretrained(context_llama, dtype=torch.float32).eval()
+    lengths = np.array([len(ids) for ids in batch])
+    logits, keys, values = runner.prefill(batch)
+    keys, values = np.array(keys), np.array(values)
+    steps = [logits[np.arange(4), lengths - 1]]
+    for offset, token in enumerate(continuation):
+        tokens = np.full(4, token, dtype=np.int64)
+        steps.append(runner.decode_one_token(tokens, lengths + offset, keys, values))
+    for row, prompt in enumerate(batch):
+        with torch.no_grad():
+            expected = model(torch.tensor([prompt + continuation])).logits[0, len(prompt) - 1:].numpy()
+        np.testing.assert_allclose(np.stack([step[row] for step in steps]), expected, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sequence_length_ends_generation_with_length(tiny_llama, exported, backend):
+    runner = api.open_runner(exported(tiny_llama, backend, 1))
+    prompt = (runner.tokenizer.encode(" ".join(PROMPTS)) * 4)[: SEQUENCE_LENGTH - 3]
+    output = runner.generate([prompt], SamplingConfig(max_new_tokens=100))
+    sequence = output.sequences[0]
+    assert len(sequence.token_ids) == 3 and sequence.finish_reason == "length"
+    results = generation.generate(runner, ["Hi"], SamplingConfig(max_new_tokens=1000), chat=False)
+    assert results[0].finish_reason == "length" and results[0].prompt_tokens + len(results[0].token_ids) == SEQUENCE_LENGTH
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_each_row_stops_at_its_own_end_of_sequence(context_llama, exported, backend):
+    runner = api.open_runner(exported(context_llama, backend, 4))
+    batch = encode(runner.tokenizer, PROMPTS, 4)
+    sampling = SamplingConfig(max_new_tokens=12)
+    free = runner.generate(batch, sampling).sequences
+    stop_token = free[1].token_ids[2]  # row 1 ends at its third token; other rows wherever it appears
+    runner.eos_token_ids = {stop_token}
+    streamed: dict[int, list[int]] = {row: [] for row in range(4)}
+    stopped = runner.generate(batch, sampling, on_token=lambda row, token: streamed[row].append(token)).sequences
+    for row in range(4):
+        tokens = free[row].token_ids
+        if stop_token in tokens:
+            end = tokens.index(stop_token) + 1
+            assert stopped[row].token_ids == tokens[:end] and stopped[row].finish_reason == "stop"
+        else:
+            assert stopped[row].token_ids == tokens and stopped[row].finish_reason == "length"
+        assert streamed[row] == stopped[row].token_ids
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sampling_is_seeded(context_llama, exported, backend):
+    runner = api.open_runner(exported(context_llama, backend, 4))
+    batch = encode(runner.tokenizer, PROMPTS, 4)
+    sampled = SamplingConfig(max_new_tokens=10, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=7)
+    first, second = runner.generate(batch, sampled), runner.generate(batch, sampled)
+    assert [s.token_ids for s in first.sequences] == [s.token_ids for s in second.sequences]
+    vocab = len(runner.tokenizer)
+    assert all(0 <= token < vocab for s in first.sequences for token in s.token_ids)
+    top_one = SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=1)
+    greedy = SamplingConfig(max_new_tokens=10)
+    assert ([s.token_ids for s in runner.generate(batch, top_one).sequences]
+            == [s.token_ids for s in runner.generate(batch, greedy).sequences])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_api_run_streams_text(tiny_llama, exported, backend):
+    chunks: dict[int, str] = {}
+    results = api.run(exported(tiny_llama, backend, 4), PROMPTS[:3], chat=True, max_new_tokens=6,
+                      on_text=lambda index, text: chunks.__setitem__(index, chunks.get(index, "") + text))
+    assert len(results) == 3
+    for index, result in enumerate(results):
+        assert result.token_ids and result.finish_reason in ("stop", "length")
+        assert result.text.startswith(chunks.get(index, ""))  # a trailing partial UTF-8 character is held back
+
+
+# --------------------------------------------------------------------------- SmolLM2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_smollm2_static_greedy_equals_pytorch(smollm2, exported, backend, batch_size):
+    path = exported(smollm2, backend, batch_size, sequence_length=256)
+    manifest = artifact.load(path)
+    assert manifest.validation["passed"]
+    runner = api.open_runner(path)
+    try:
+        batch = [generation.encode_prompt(runner.tokenizer, prompt, chat=True) for prompt in PROMPTS][:batch_size]
+        output = runner.generate(batch, SamplingConfig(max_new_tokens=32))
+    finally:
+        runner.close()
+    reference = pytorch_greedy(smollm2, batch, 32)
+    for ours, theirs in zip(output.sequences, reference.sequences):
+        assert ours.token_ids == theirs.token_ids
