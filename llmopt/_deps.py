@@ -35,9 +35,18 @@ def require(module: str, extra: str, package: str | None = None) -> types.Module
         ) from exc
 
 
+# Builds of one library published under other names (same import name, same version numbers).
+_FLAVOURS = {
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu"),
+    "onnxruntime-genai": ("onnxruntime-genai", "onnxruntime-genai-cuda"),
+}
+
+
 def version_of(distribution: str) -> str | None:
-    """Installed version of a distribution, or None; never imports it."""
-    try:
-        return importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return None
+    """Installed version of a distribution (or of its GPU flavour), or None; never imports it."""
+    for name in _FLAVOURS.get(distribution, (distribution,)):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None

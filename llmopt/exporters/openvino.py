@@ -39,7 +39,6 @@ TASK = "text-generation-with-past"
 MODEL_FILE = "openvino_model.xml"
 TOKENIZER_FILE = "openvino_tokenizer.xml"
 DETOKENIZER_FILE = "openvino_detokenizer.xml"
-OV_CONFIG_FILE = "openvino_config.json"  # optimum-intel's own record of how the IR was built
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
 # Inputs of the stateful IR and where their batch dimension is; -1 leaves the sequence dynamic.
 BATCHED_INPUTS = {"input_ids": 2, "attention_mask": 2, "position_ids": 2, "beam_idx": 1}
@@ -141,8 +140,13 @@ class OpenVINOExporter(Exporter):
         run_optimum_export(recipe, checkpoint, traced)
         shapes = pin_batch_dimension(recipe, traced / MODEL_FILE, workdir / MODEL_FILE)
         for path in traced.iterdir():  # config.json, generation_config.json, tokenizer files
-            if not path.name.startswith("openvino_model."):
-                shutil.move(str(path), workdir / path.name)
+            if path.name.startswith("openvino_model."):
+                continue
+            original = checkpoint / path.name  # the checkpoint's own file, not optimum-intel's re-saved copy
+            if original.is_file():
+                shutil.copy2(original, workdir / path.name)
+            else:
+                shutil.move(path, workdir / path.name)
         shutil.rmtree(traced)
         convert_tokenizer(checkpoint, workdir, recipe.model.trust_remote_code)
         write_optimum_config(recipe, workdir)

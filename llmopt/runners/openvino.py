@@ -43,11 +43,11 @@ class OpenVINORunner(Runner):
         self.ov_config = dict(runtime.get("ov_config") or {})
         self.scheduler_options = dict(runtime.get("scheduler_config") or {"enable_prefix_caching": False})
         self.model_file = runtime.get("model", MODEL_FILE)
-        self.pad_token_id = self._pad_token_id()
         self._pipeline = None  # both opened on first use: validation needs only the logits model
         self._logits_request = None
 
-    def _pad_token_id(self) -> int:
+    @functools.cached_property
+    def pad_token_id(self) -> int:
         tokenizer = self.tokenizer
         if tokenizer.pad_token_id is not None:
             return int(tokenizer.pad_token_id)

@@ -68,7 +68,7 @@ class PyTorchRunner(Runner):
             torch.set_num_threads(threads)
         self.torch, self.mode = torch, mode
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            self.path, torch_dtype=getattr(torch, TORCH_DTYPES[dtype]), attn_implementation="sdpa"
+            self.path, dtype=getattr(torch, TORCH_DTYPES[dtype]), attn_implementation="sdpa"
         ).eval()
         if mode == "compile":
             self.model.forward = torch.compile(self.model.forward, dynamic=False)

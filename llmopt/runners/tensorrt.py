@@ -98,7 +98,6 @@ class TensorRTRunner(Runner):
         engine_dir = self.path / runtime.get("engine_dir", ENGINE_DIR)
         self.llm = llm_class()(
             model=str(engine_dir),
-            tokenizer=str(self.path),
             skip_tokenizer_init=True,  # llmopt tokenizes; the engine sees token ids
             tensor_parallel_size=int(runtime.get("tensor_parallel_size", 1)),
         )
