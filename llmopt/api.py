@@ -192,6 +192,14 @@ def run(path: str | Path, prompts: list[str], chat: bool = True, on_text=None, *
 _ARTIFACT_FIXED = ("model", "target", "shapes", "precision")
 
 
+def bench(config, on_event=None):
+    """Artifacts and PyTorch baselines side by side, each in a fresh process: a ``llmopt.benchmark.BenchResult``
+    (``config`` is a ``llmopt.benchmark.BenchConfig``)."""
+    from llmopt import benchmark
+
+    return benchmark.run(config, on_event=on_event)
+
+
 def quantize(output: str | Path, recipe: Recipe | None = None, source: str | Path | None = None,
              overrides: dict[str, Any] | None = None, force: bool = False, validate: bool = True,
              cache_dir: str | Path | None = None) -> ExportReport:

@@ -230,13 +230,13 @@ def test_cli_usage_errors(fake_artifact, capsys):
 
 @pytest.fixture(scope="module")
 def onnx_artifact(tiny_llama, tmp_path_factory) -> Path:
-    pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("onnxruntime_genai", reason="pip install 'llmopt[onnx]'")
     return exported_onnx(tiny_llama, tmp_path_factory, sequence_length=128)
 
 
 @pytest.fixture(scope="module")
 def openvino_artifact(tiny_llama, tmp_path_factory) -> Path:
-    pytest.importorskip("openvino_genai")
+    pytest.importorskip("openvino_genai", reason="pip install 'llmopt[openvino]'")
     require_exporter("openvino")
     from llmopt import api
     from llmopt.recipe import Recipe

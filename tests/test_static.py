@@ -1,9 +1,9 @@
 """Fully static-shape artifacts (``shapes.static: true``) for the onnx and openvino targets.
 
 Pure tests (plan, check) run anywhere; the rest export small artifacts through ``api.export`` and
-need the target's extra. tiny_llama's greedy output mostly repeats a token, so greedy parity is
-checked on ``context_llama`` (a wider random init whose greedy text depends on the context), and
-the cache handling is checked step by step against PyTorch's logits (teacher forcing).
+need the target's extra. They run on ``context_llama``, tiny_llama with a wider random init: tiny_llama's
+greedy output only repeats a token, this one's depends on the context. The cache handling is also
+checked step by step against PyTorch's logits (teacher forcing).
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ def test_plan_names_two_graphs_with_only_fixed_dimensions(backend):
     assert prefill["inputs"]["attention_mask"]["shape"] == [4, 1, 128, 128]
     assert decode["inputs"]["input_ids"]["shape"] == [4, 1]
     assert decode["inputs"]["attention_mask"]["shape"] == [4, 1, 1, 129]
-    assert decode["inputs"]["past_keys"]["shape"] == ["num_layers", 4, "num_kv_heads", 128, "head_dim"]
+    assert decode["inputs"]["past_key_<layer>"]["shape"] == [4, "num_kv_heads", 128, "head_dim"]
+    assert list(decode["inputs"])[3:] == ["past_key_<layer>", "past_value_<layer>"]
     assert decode["outputs"]["new_keys"]["shape"] == ["num_layers", 4, "num_kv_heads", 1, "head_dim"]
     files = {"onnx": ["prefill.onnx", "decode.onnx"], "openvino": ["prefill.xml", "decode.xml"]}[backend]
     assert [plan["graphs"][name][0] for name in ("prefill", "decode")] == files
@@ -156,29 +157,30 @@ def graph_dims(path: Path, backend: str) -> dict[str, dict[str, dict[str, list]]
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch_size", [1, 4])
-def test_every_graph_dimension_is_fixed_to_the_recipe(tiny_llama, exported, backend, batch_size):
-    path = exported(tiny_llama, backend, batch_size)
+def test_every_graph_dimension_is_fixed_to_the_recipe(context_llama, exported, backend, batch_size):
+    path = exported(context_llama, backend, batch_size)
     manifest = artifact.load(path)
     assert manifest.static and manifest.runtime["loader"] == "llmopt-static"
     dims = graph_dims(path, backend)
     expected = {graph: {side: {name: spec["shape"] for name, spec in ports.items()} for side, ports in io.items()}
                 for graph, io in manifest.io.items()}
     assert dims == expected
-    config = json.loads((tiny_llama / "config.json").read_text())
-    cache = [config["num_hidden_layers"], batch_size, config["num_key_value_heads"], SEQUENCE_LENGTH,
-             config["hidden_size"] // config["num_attention_heads"]]
+    config = json.loads((context_llama / "config.json").read_text())
+    layers = config["num_hidden_layers"]
+    cache = [batch_size, config["num_key_value_heads"], SEQUENCE_LENGTH, config["hidden_size"] // config["num_attention_heads"]]
     assert dims["prefill"]["inputs"]["input_ids"] == [batch_size, SEQUENCE_LENGTH]
-    assert dims["prefill"]["outputs"]["present_keys"] == cache
-    assert dims["decode"]["inputs"]["past_values"] == cache
+    assert dims["prefill"]["outputs"]["present_keys"] == [layers, *cache]
+    assert list(dims["decode"]["inputs"])[3:] == [f"past_{kind}_{layer}" for kind in ("key", "value") for layer in range(layers)]
+    assert all(dims["decode"]["inputs"][f"past_value_{layer}"] == cache for layer in range(layers))
     assert dims["decode"]["inputs"]["attention_mask"] == [batch_size, 1, 1, SEQUENCE_LENGTH + 1]
     assert dims["decode"]["outputs"]["logits"] == [batch_size, 1, config["vocab_size"]]
 
 
 @pytest.mark.onnx
-def test_onnx_graphs_share_one_weights_file(tiny_llama, exported):
+def test_onnx_graphs_share_one_weights_file(context_llama, exported):
     import onnx
 
-    path = exported(tiny_llama, "onnx", 1)
+    path = exported(context_llama, "onnx", 1)
     locations = set()
     for graph in ("prefill", "decode"):
         model = onnx.load(str(path / f"{graph}.onnx"), load_external_data=False)
@@ -190,8 +192,8 @@ def test_onnx_graphs_share_one_weights_file(tiny_llama, exported):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch_size", [1, 4])
-def test_export_validates_against_pytorch(tiny_llama, exported, backend, batch_size):
-    validation = artifact.load(exported(tiny_llama, backend, batch_size)).validation
+def test_export_validates_against_pytorch(context_llama, exported, backend, batch_size):
+    validation = artifact.load(exported(context_llama, backend, batch_size)).validation
     assert validation["passed"] and validation["top1_agreement"] == 1.0 and validation["mean_kl"] < 1e-6
     assert validation["tokens"] == SEQUENCE_LENGTH
 
@@ -239,8 +241,8 @@ def test_decode_steps_match_pytorch_logits(context_llama, exported, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_sequence_length_ends_generation_with_length(tiny_llama, exported, backend):
-    runner = api.open_runner(exported(tiny_llama, backend, 1))
+def test_sequence_length_ends_generation_with_length(context_llama, exported, backend):
+    runner = api.open_runner(exported(context_llama, backend, 1))
     prompt = (runner.tokenizer.encode(" ".join(PROMPTS)) * 4)[: SEQUENCE_LENGTH - 3]
     output = runner.generate([prompt], SamplingConfig(max_new_tokens=100))
     sequence = output.sequences[0]
@@ -285,9 +287,9 @@ def test_sampling_is_seeded(context_llama, exported, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_api_run_streams_text(tiny_llama, exported, backend):
+def test_api_run_streams_text(context_llama, exported, backend):
     chunks: dict[int, str] = {}
-    results = api.run(exported(tiny_llama, backend, 4), PROMPTS[:3], chat=True, max_new_tokens=6,
+    results = api.run(exported(context_llama, backend, 4), PROMPTS[:3], chat=True, max_new_tokens=6,
                       on_text=lambda index, text: chunks.__setitem__(index, chunks.get(index, "") + text))
     assert len(results) == 3
     for index, result in enumerate(results):

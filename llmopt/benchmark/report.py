@@ -19,7 +19,7 @@ COLUMNS = (
     "prompt", "decoding", "status", "reps", "total_tokens",
     "ttft_ms", "ttft_ms_p90", "ttft_ms_p99", "tpot_ms", "tpot_ms_p90", "tpot_ms_p99",
     "e2e_ms", "e2e_ms_p90", "e2e_ms_p99", "decode_tok_s", "throughput_tok_s",
-    "peak_rss_mib", "rss_after_load_mib", "load_s", "first_call_s", "size_mib", "threads",
+    "peak_rss_mib", "rss_after_load_mib", "load_s", "open_s", "first_call_s", "size_mib", "threads",
     "vs", "decode_speedup", "ttft_speedup", "high_variance", "note",
 )
 

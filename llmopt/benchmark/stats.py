@@ -9,6 +9,10 @@ Definitions (per repetition; a row reports the median over repetitions, latencie
 * throughput: (input + output tokens, summed over the batch) / end-to-end seconds.
 
 Rates are computed from the median times (so throughput == total tokens / median end-to-end).
+
+Per subject (its worker): load time is time to ready, opening the artifact plus one single-token
+generation (openvino-genai builds its pipeline on the first call; ``open_s`` is the opening alone);
+peak RSS is the kernel's high-water mark, reset at the start of each case, so each row has its own.
 """
 
 from __future__ import annotations

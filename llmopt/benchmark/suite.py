@@ -16,12 +16,13 @@ Rules:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -170,9 +171,8 @@ def plan_subjects(config: BenchConfig) -> tuple[list[Subject], list[str], int]:
             notes.append(f"{path}: no baseline comparison: its source checkpoint "
                          f"'{(manifest.source or {}).get('checkpoint')}' is not here; pass --baseline-model")
         subjects.append(subject)
-    for subject in config.extra_subjects:  # peers measured by the same machinery (bench/llamacpp_peer.py)
-        subject.checkpoint = subject.checkpoint or config.baseline_model
-        subjects.append(subject)
+    for peer in config.extra_subjects:  # peers measured by the same machinery (bench/llamacpp_peer.py)
+        subjects.append(replace(peer, checkpoint=peer.checkpoint or config.baseline_model, cases=[], skipped=[]))
     for subject in subjects:
         pairs, length_notes = _input_pairs(config, subject.sequence_length)
         subject.skipped += [(None, note) for note in length_notes]
@@ -249,38 +249,59 @@ def _add_grounded_cases(config: BenchConfig, subjects: list[Subject], notes: lis
     return budget - new
 
 
-def tokenizer_dir(subjects: list[Subject]) -> Path:
-    """The one tokenizer every prompt is built with: the first subject's that has one."""
-    for subject in subjects:
-        candidate = Path(subject.tokenizer or subject.path)
-        if candidate.is_dir():
-            return candidate
+def _tokenizer_dir(subject: Subject, subjects: list[Subject]) -> Path:
+    """A subject's tokenizer: its own directory, else (a peer on a single weights file) the first one's."""
+    for candidate in [subject] + subjects:
+        directory = Path(candidate.tokenizer or candidate.path)
+        if directory.is_dir():
+            return directory
     raise UsageError("no subject has a tokenizer directory to build the prompts with")
 
 
-def build_prompts(config: BenchConfig, subjects: list[Subject], grounded_budget: int = 0) -> dict[tuple, list[list[int]]]:
-    """The prompt ids of every (batch size, input length, prompt kind): one tokenizer for all subjects."""
+def build_prompts(config: BenchConfig, subjects: list[Subject], grounded_budget: int = 0) -> tuple[list[list], list[str]]:
+    """For each subject, the prompt ids of each of its cases, and notes.
+
+    Synthetic prompts depend only on the normal vocabulary (and seed, length, batch size), so every
+    subject whose tokenizer has the same vocabulary, which all builds of one checkpoint do, gets the
+    very same ids. A subject with another vocabulary gets prompts valid for it, with a note.
+    """
     from transformers import AutoTokenizer
 
     from llmopt.runners.base import read_eos_ids
 
-    directory = tokenizer_dir(subjects)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    vocab = prompt_module.normal_vocab(tokenizer, read_eos_ids(directory))
-    table: dict[tuple, list[list[int]]] = {}
-    grounded = None
+    tokenizers: dict[Path, tuple] = {}
+    synthetic: dict[tuple, list[list[int]]] = {}
+    grounded: dict[Path, list[int]] = {}
+    per_subject: list[list] = []
     for subject in subjects:
+        if not subject.cases:
+            per_subject.append([])
+            continue
+        directory = _tokenizer_dir(subject, subjects)
+        if directory not in tokenizers:
+            tokenizer = AutoTokenizer.from_pretrained(directory)
+            vocab = prompt_module.normal_vocab(tokenizer, read_eos_ids(directory))
+            tokenizers[directory] = (tokenizer, vocab, hashlib.sha256(vocab.tobytes()).hexdigest())
+        tokenizer, vocab, vocab_key = tokenizers[directory]
+        prompts = []
         for case in subject.cases:
             if case.prompt == "grounded":
-                if grounded is None:
-                    grounded = prompt_module.grounded_prompt(tokenizer, grounded_budget)
-                case.input_length = len(grounded)
-                table[(1, case.input_length, "grounded")] = [grounded]
-            else:
-                key = (case.batch_size, case.input_length, "synthetic")
-                if key not in table:
-                    table[key] = prompt_module.synthetic_batch(vocab, case.input_length, case.batch_size, config.seed)
-    return table
+                if directory not in grounded:
+                    grounded[directory] = prompt_module.grounded_prompt(tokenizer, grounded_budget)
+                case.input_length = len(grounded[directory])
+                prompts.append([grounded[directory]])
+                continue
+            key = (vocab_key, case.batch_size, case.input_length)
+            if key not in synthetic:
+                synthetic[key] = prompt_module.synthetic_batch(vocab, case.input_length, case.batch_size, config.seed)
+            prompts.append(synthetic[key])
+        per_subject.append(prompts)
+    vocabularies = {key for _, _, key in tokenizers.values()}
+    notes = []
+    if len(vocabularies) > 1:
+        groups = ", ".join(f"{directory} ({len(vocab)} normal ids)" for directory, (_, vocab, _) in tokenizers.items())
+        notes.append(f"the subjects have {len(vocabularies)} different vocabularies, so not all see the same prompts: {groups}")
+    return per_subject, notes
 
 
 def _worker_env() -> dict:
@@ -341,7 +362,8 @@ def _rows_for(subject: Subject, result: dict, size_bytes: int | None) -> list[di
         row.update(
             peak_rss_mib=round(outcome["peak_rss_bytes"] / MIB, 1),
             rss_after_load_mib=round(result["rss_after_load_bytes"] / MIB, 1),
-            load_s=round(result["load_s"], 3), first_call_s=round(outcome["first_call_s"], 3),
+            load_s=round(result["load_s"], 3), open_s=round(result["open_s"], 3),
+            first_call_s=round(outcome["first_call_s"], 3),
             size_mib=round(size_bytes / MIB, 1) if size_bytes is not None else None,
             threads=result["threads"], threads_how=result["threads_how"], rss_method=result["rss_method"],
             runtimes=",".join(result.get("runtimes", [])),
@@ -400,7 +422,8 @@ def run(config: BenchConfig, on_event: Callable[[dict], None] | None = None) -> 
     if not any(subject.cases for subject in subjects):
         raise UsageError("nothing to run: no (batch size, input length) case fits any subject",
                          hint="check --batch-sizes against the artifacts' pinned batch sizes, and --input-lengths")
-    table = build_prompts(config, subjects, grounded_budget)
+    prompt_ids, prompt_notes = build_prompts(config, subjects, grounded_budget)
+    notes += prompt_notes
     threads = config.threads or default_threads()
     if "compile" in config.baselines and config.warmup == 0:
         notes.append("pytorch:compile with --warmup 0: the first repetition includes compilation")
@@ -418,7 +441,7 @@ def run(config: BenchConfig, on_event: Callable[[dict], None] | None = None) -> 
                     "threads": threads, "warmup": config.warmup, "repetitions": config.repetitions,
                     "verify": config.verify,
                     "cases": [{"id": index, **asdict(case),
-                               "prompt_ids": table[(case.batch_size, case.input_length, case.prompt)]}
+                               "prompt_ids": prompt_ids[number][index]}
                               for index, case in enumerate(subject.cases)],
                 }
                 workdir = Path(tmp) / str(number)

@@ -105,7 +105,8 @@ def bench(
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Re-hash artifact files before loading (not timed)."),
 ) -> None:
     """Latency, throughput and memory of artifacts and the PyTorch baseline, side by side, in one run."""
-    from llmopt.benchmark import BenchConfig, parse_baselines, report, run
+    from llmopt import api
+    from llmopt.benchmark import BenchConfig, parse_baselines, report
 
     chosen = _format_for(fmt, json_output, output)
     if baseline_dtype not in ("fp32", "fp16", "bf16"):
@@ -123,7 +124,7 @@ def bench(
     if any(ratio >= 1 for ratio in config.input_ratios):
         raise UsageError("--input-ratios must be below 1 (the rest of the sequence is generated)")
     with _Progress(sys.stderr.isatty()) as progress:
-        result = run(config, on_event=progress)
+        result = api.bench(config, on_event=progress)
 
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)

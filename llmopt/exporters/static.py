@@ -7,9 +7,11 @@ sequence length S:
 * ``prefill``: the prompt right-padded to S tokens, a host-built additive 4D mask (causal and
   padding) -> logits for every position and the key/value cache of all S slots, stacked over
   layers as [L, B, Hkv, S, D].
-* ``decode``: one token per row, the host's S-slot cache and a mask over the filled slots plus
-  the new token -> its logits and its key/value [L, B, Hkv, 1, D], which the host writes into
-  slot ``position`` of its cache (``llmopt.runners.static``).
+* ``decode``: one token per row, the host's S-slot cache as one input per layer and kind
+  (``past_key_<i>``, ``past_value_<i>``: [B, Hkv, S, D], views of the host's stacked array, so
+  the graph splits nothing) and a mask over the filled slots plus the new token -> its logits
+  and its key/value stacked as [L, B, Hkv, 1, D], which the host writes into slot ``position``
+  of its cache (``llmopt.runners.static``).
 
 Both are traced from a thin torch wrapper with explicit cache tensors (no stateful cache) using
 the TorchScript ONNX exporter with eager attention; transformers returns a ready 4D mask as is.
@@ -68,6 +70,7 @@ def graph_shapes(batch_size: int, sequence_length: int, dims: dict[str, Any], dt
     b, s = batch_size, sequence_length
     layers, kv_heads, head_dim, vocab = dims["layers"], dims["kv_heads"], dims["head_dim"], dims["vocab"]
     float_type = ONNX_DTYPES[dtype]
+    past = [b, kv_heads, s, head_dim]
 
     def spec(shape, kind=float_type):
         return {"shape": list(shape), "dtype": kind}
@@ -90,8 +93,7 @@ def graph_shapes(batch_size: int, sequence_length: int, dims: dict[str, Any], dt
                 "input_ids": spec([b, 1], "int64"),
                 "position_ids": spec([b, 1], "int64"),
                 "attention_mask": spec([b, 1, 1, s + 1]),
-                "past_keys": spec([layers, b, kv_heads, s, head_dim]),
-                "past_values": spec([layers, b, kv_heads, s, head_dim]),
+                **{name: spec(past) for name in past_names(layers)},
             },
             "outputs": {
                 "logits": spec([b, 1, vocab]),
@@ -100,6 +102,12 @@ def graph_shapes(batch_size: int, sequence_length: int, dims: dict[str, Any], dt
             },
         },
     }
+
+
+def past_names(layers: int | str) -> list[str]:
+    """The decode graph's cache inputs: every layer's keys, then every layer's values."""
+    indices = range(layers) if isinstance(layers, int) else ["<layer>"]  # the plan does not know L
+    return [f"past_{kind}_{index}" for kind in ("key", "value") for index in indices]
 
 
 def graph_files(backend: str) -> dict[str, list[str]]:
@@ -202,8 +210,9 @@ def _wrappers(torch, model, sequence_length: int):
             super().__init__()
             self.model = model
 
-        def forward(self, input_ids, position_ids, attention_mask, past_keys, past_values):
-            cache = DynamicCache(ddp_cache_data=list(zip(past_keys.unbind(0), past_values.unbind(0))))
+        def forward(self, input_ids, position_ids, attention_mask, *past):
+            layers = len(past) // 2
+            cache = DynamicCache(ddp_cache_data=list(zip(past[:layers], past[layers:])))
             output = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                                 past_key_values=cache, use_cache=True,
                                 cache_position=torch.tensor([sequence_length]))

@@ -96,12 +96,12 @@ def dividing_group_sizes(sizes: dict[str, int], candidates: tuple[int, ...] = GR
     return [size for size in candidates if all(value % size == 0 for value in sizes.values())]
 
 
-def choose_group_size(requested: int | None, sizes: dict[str, int]) -> int:
-    """``requested`` when it divides every layer's input size; the largest that does when None.
+def choose_group_size(requested: int | None, sizes: dict[str, int], candidates: tuple[int, ...] = GROUP_SIZES) -> int:
+    """``requested`` when it divides every layer's input size; else the largest of ``candidates`` that does.
 
     -1 (one group per output channel) always works.
     """
-    working = dividing_group_sizes(sizes)
+    working = dividing_group_sizes(sizes, candidates)
     described = ", ".join(f"{name} {value}" for name, value in sizes.items())
     if requested is None:
         if not working:
@@ -109,7 +109,7 @@ def choose_group_size(requested: int | None, sizes: dict[str, int]) -> int:
         return working[0]
     if requested == -1 or all(value % requested == 0 for value in sizes.values()):
         return requested
-    accepted = ", ".join(str(size) for size in [*working, -1])
+    accepted = ", ".join(str(size) for size in [*dividing_group_sizes(sizes), -1])
     raise RecipeError(
         f"quantization.group_size {requested} does not divide the model's layer sizes ({described}); "
         f"accepted: {accepted}",

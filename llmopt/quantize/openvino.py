@@ -1,16 +1,23 @@
-"""OpenVINO weight compression with NNCF (``nncf.compress_weights`` on the stateful IR).
+"""OpenVINO weight compression of the stateful IR: HQQ float zero points, or NNCF.
 
-int8 is per output channel (NNCF has no int8 groups); int4 is group-wise, with ``ratio`` of the
-layers in int4 and the rest, embeddings and the last MatMul included, in int8 (``all_layers``
-puts those in int4 too). Data-aware options (AWQ, scale estimation, GPTQ, a sensitivity metric
-for mixed precision) run the fp IR on calibration text from ``llmopt.quantize.calibration``:
-each sample is a prefill followed by a few single-token decode steps through the model's own
-key/value state, so the statistics see both kinds of call the pipeline makes.
+Two methods, both writing the weight format OpenVINO's CPU plugin fuses into FullyConnected
+(a u4/u8/i8 constant, then Convert -> [Subtract zero point] -> Multiply scale):
 
-Plain int4 round-to-nearest turns a model as small as SmolLM2-135M into a repetition loop, so
-``algorithm: auto`` with int4 means AWQ with scale estimation on the shipped calibration set.
-The key/value cache precision and any ``openvino.ov_config`` go into the runtime options; an
-int8 or int4 artifact keeps the device's u8 cache unless ``quantization.kv_cache`` says otherwise.
+* ``hqq`` (``llmopt.quantize.hqq``): data-free int4, asymmetric with float zero points, group
+  size 32 by default. It is exact for a checkpoint de-quantized from GGUF Q4_1 (SmolLM2 here),
+  where NNCF's integer zero points are not, and the CPU plugin fuses a float zero point just as
+  it fuses an integer one. Embeddings and the last MatMul get int8 (symmetric, same groups, exact
+  for Q8_0), or int4 with ``all_layers``.
+* ``nncf`` (``nncf.compress_weights``): int8 per channel, or int4 with NNCF's options: ratio
+  (the rest int8), AWQ, scale estimation, GPTQ, a sensitivity metric, symmetric weights. Its
+  data-aware options run the fp IR on calibration text (``llmopt.quantize.calibration``): each
+  sample is a prefill then a few one-token decode steps through the model's own state.
+
+``algorithm: auto`` with int4 is hqq unless the recipe asks for an NNCF option (awq,
+scale_estimation, a dataset, a sensitivity metric, ratio < 1, symmetric), then NNCF with AWQ and
+scale estimation: plain int4 round-to-nearest with integer zero points turns a model as small as
+SmolLM2-135M into a repetition loop, so it is never the default. The key/value cache precision
+(``quantization.kv_cache``) and the recipe's ``openvino.ov_config`` go into the runtime options.
 """
 
 from __future__ import annotations
@@ -31,8 +38,9 @@ from llmopt.recipe import Recipe
 
 MODEL_FILE = "openvino_model.xml"
 FORMATS = ("int8", "int4")
-ALGORITHMS = ("auto", "rtn", "awq", "gptq")
-# quantization.kv_cache -> KV_CACHE_PRECISION; "auto" keeps the CPU plugin's own choice (u8) for quantized weights.
+ALGORITHMS = ("auto", "hqq", "rtn", "awq", "gptq")
+HQQ_GROUP_SIZES = (32, 16)  # Q4_1's block size first
+# quantization.kv_cache -> KV_CACHE_PRECISION; "auto" is the CPU plugin's own default for quantized models.
 KV_CACHE_PRECISIONS = {"auto": "u8", "u8": "u8", "int8": "u8", "fp16": "f16", "fp32": "f32"}
 SENSITIVITY_METRICS = (
     "weight_quantization_error",
@@ -44,14 +52,29 @@ SENSITIVITY_METRICS = (
 DATA_FREE_METRICS = ("weight_quantization_error",)
 DEFAULT_DATASET = "default"
 CALIBRATION_TOKENS = 128  # prefill length of one calibration sample
-DECODE_STEPS = 3  # single-token steps after each prefill, fed the text's next tokens
+DECODE_STEPS = 3  # one-token steps after each prefill, fed the text's next tokens
 
 
 # -- pure: check and plan ---------------------------------------------------------------------
 
 
+def method_of(recipe: Recipe) -> str:
+    """``hqq`` or ``nncf`` for the recipe's quantization section."""
+    q = recipe.quantization
+    if q.weight_format != "int4" or q.algorithm in ("rtn", "awq", "gptq"):
+        return "nncf"
+    if q.algorithm == "hqq":
+        return "hqq"
+    explicit = q.model_fields_set
+    asks_nncf = (
+        ("awq" in explicit and q.awq) or ("scale_estimation" in explicit and q.scale_estimation)
+        or q.dataset is not None or q.sensitivity_metric is not None or q.ratio != 1.0 or q.symmetric
+    )
+    return "nncf" if asks_nncf else "hqq"
+
+
 def check(recipe: Recipe) -> None:
-    """RecipeError for what NNCF on OpenVINO cannot build. Pure."""
+    """RecipeError for what the openvino target cannot build. Pure."""
     q = recipe.quantization
     if not q.enabled:
         return
@@ -62,36 +85,54 @@ def check(recipe: Recipe) -> None:
             hint="fp8 weights need a GPU target (tensorrt)" if q.weight_format == "fp8" else None,
         )
     if recipe.shapes.static:
-        raise RecipeError(
-            "quantization with shapes.static is not supported by the openvino target yet",
-            hint="set shapes.static: false, or quantization.weight_format: none",
-        )
+        raise RecipeError("quantization with shapes.static is not supported by the openvino target yet",
+                          hint="set shapes.static: false, or quantization.weight_format: none")
     if q.algorithm not in ALGORITHMS:
         raise RecipeError(f"quantization.algorithm '{q.algorithm}' is not supported by the openvino target; "
                           f"accepted: {', '.join(ALGORITHMS)}")
     if q.kv_cache not in KV_CACHE_PRECISIONS:
-        raise RecipeError(f"quantization.kv_cache '{q.kv_cache}' is not supported by the openvino target; "
-                          f"accepted: {', '.join(KV_CACHE_PRECISIONS)}")
+        raise RecipeError(f"quantization.kv_cache '{q.kv_cache}' is not supported by the openvino target on "
+                          f"{recipe.openvino.device}; accepted: {', '.join(KV_CACHE_PRECISIONS)}")
     if q.sensitivity_metric is not None and q.sensitivity_metric not in SENSITIVITY_METRICS:
         raise RecipeError(f"quantization.sensitivity_metric '{q.sensitivity_metric}' is not an NNCF metric; "
                           f"accepted: {', '.join(SENSITIVITY_METRICS)}")
     if q.weight_format == "int8":
-        int4_only = {
-            "group_size": q.group_size not in (None, -1),
-            "ratio": q.ratio != 1.0,
-            "awq": q.awq,
-            "scale_estimation": q.scale_estimation,
-            "algorithm": q.algorithm not in ("auto", "rtn"),
-            "sensitivity_metric": q.sensitivity_metric is not None,
-            "all_layers": q.all_layers,
-        }
-        given = [name for name, used in int4_only.items() if used]
-        if given:
-            raise RecipeError(
-                f"quantization.{given[0]} applies to int4 only: openvino int8 is per-channel round-to-nearest",
-                hint=f"set quantization.weight_format: int4, or remove quantization.{given[0]}",
-            )
-        return
+        _check_int8(recipe)
+    elif method_of(recipe) == "hqq":
+        _check_hqq(recipe)
+    else:
+        _check_nncf_int4(recipe)
+
+
+def _first_given(options: dict[str, bool]) -> str | None:
+    return next((name for name, used in options.items() if used), None)
+
+
+def _check_int8(recipe: Recipe) -> None:
+    q = recipe.quantization
+    given = _first_given({
+        "group_size": q.group_size not in (None, -1), "ratio": q.ratio != 1.0, "awq": q.awq,
+        "scale_estimation": q.scale_estimation, "algorithm": q.algorithm not in ("auto", "rtn"),
+        "sensitivity_metric": q.sensitivity_metric is not None, "all_layers": q.all_layers,
+    })
+    if given:
+        raise RecipeError(f"quantization.{given} applies to int4 only: openvino int8 is per-channel round-to-nearest",
+                          hint=f"set quantization.weight_format: int4, or remove quantization.{given}")
+
+
+def _check_hqq(recipe: Recipe) -> None:
+    q = recipe.quantization
+    given = _first_given({
+        "symmetric": bool(q.symmetric), "ratio": q.ratio != 1.0, "awq": q.awq, "scale_estimation": q.scale_estimation,
+        "dataset": q.dataset is not None, "sensitivity_metric": q.sensitivity_metric is not None,
+    })
+    if given:
+        raise RecipeError(f"quantization.{given} does not apply to algorithm 'hqq' (data-free, asymmetric, float zero points)",
+                          hint="use algorithm awq or rtn for NNCF's options")
+
+
+def _check_nncf_int4(recipe: Recipe) -> None:
+    q = recipe.quantization
     if q.algorithm == "rtn" and (q.awq or q.scale_estimation):
         flag = "awq" if q.awq else "scale_estimation"
         raise RecipeError(f"quantization.{flag} contradicts quantization.algorithm 'rtn' (data-free round-to-nearest)",
@@ -102,36 +143,39 @@ def check(recipe: Recipe) -> None:
 
 
 def compression_arguments(recipe: Recipe, group_size: int | str = "<chosen at export>") -> dict[str, Any]:
-    """The ``nncf.compress_weights`` arguments for the recipe (dataset as its name). Pure."""
+    """What the compression does, as JSON-able data (for NNCF, its ``compress_weights`` arguments). Pure."""
     q = recipe.quantization
-    mode = f"{q.weight_format}_{'sym' if sym_of(recipe) else 'asym'}"
-    arguments: dict[str, Any] = {"mode": mode}
+    if method_of(recipe) == "hqq":
+        return {"method": "hqq", "mode": "int4_asym", "zero_point": "float (f16)", "group_size": group_size,
+                "embeddings_and_last_matmul": "int4" if q.all_layers else "int8_sym", "max_iterations": _hqq().ITERATIONS}
+    symmetric = bool(q.symmetric)
+    arguments: dict[str, Any] = {"method": "nncf", "mode": f"{q.weight_format}_{'sym' if symmetric else 'asym'}"}
     if q.weight_format == "int8":
         return arguments
-    awq, scale_estimation, gptq = algorithms_of(recipe)
+    awq, scale_estimation, gptq = nncf_algorithms(recipe)
     arguments.update(group_size=group_size, ratio=q.ratio, all_layers=q.all_layers,
                      awq=awq, scale_estimation=scale_estimation, gptq=gptq)
     if q.sensitivity_metric is not None:
         arguments["sensitivity_metric"] = q.sensitivity_metric
     if needs_data(recipe):
-        arguments.update(dataset=q.dataset or DEFAULT_DATASET, subset_size=q.num_samples * (1 + DECODE_STEPS))
+        arguments["dataset"] = q.dataset or DEFAULT_DATASET
     return arguments
 
 
-def sym_of(recipe: Recipe) -> bool:
-    """Asymmetric by default: its zero point follows the checkpoint's (often shifted) weight ranges."""
-    return bool(recipe.quantization.symmetric) if recipe.quantization.symmetric is not None else False
+def _hqq():
+    from llmopt.quantize import hqq
+
+    return hqq
 
 
-def algorithms_of(recipe: Recipe) -> tuple[bool, bool, bool]:
-    """(awq, scale_estimation, gptq) for an int4 recipe."""
+def nncf_algorithms(recipe: Recipe) -> tuple[bool, bool, bool]:
+    """(awq, scale_estimation, gptq) for an NNCF int4 recipe: AWQ and scale estimation unless turned off."""
     q = recipe.quantization
     explicit = q.model_fields_set
     if q.algorithm == "rtn":
         return False, False, False
     if q.algorithm == "gptq":
         return bool(q.awq), bool(q.scale_estimation), True
-    # auto and awq: AWQ with scale estimation unless the recipe turned one off explicitly.
     awq = q.awq if "awq" in explicit else True
     scale_estimation = q.scale_estimation if "scale_estimation" in explicit else True
     return awq, scale_estimation, False
@@ -139,9 +183,9 @@ def algorithms_of(recipe: Recipe) -> tuple[bool, bool, bool]:
 
 def needs_data(recipe: Recipe) -> bool:
     q = recipe.quantization
-    if q.weight_format != "int4":
+    if q.weight_format != "int4" or method_of(recipe) != "nncf":
         return False
-    awq, scale_estimation, gptq = algorithms_of(recipe)
+    awq, scale_estimation, gptq = nncf_algorithms(recipe)
     metric_needs_data = q.sensitivity_metric is not None and q.sensitivity_metric not in DATA_FREE_METRICS
     return awq or scale_estimation or gptq or metric_needs_data or q.dataset is not None
 
@@ -158,25 +202,26 @@ def runtime_ov_config(recipe: Recipe, base: dict[str, Any]) -> dict[str, Any]:
 
 
 def plan(recipe: Recipe) -> dict[str, Any]:
-    """The fp export, then the NNCF call and the runtime options. Pure."""
-    from llmopt.exporters import openvino as exporter
+    """The fp export, then the weight compression and the runtime options. Pure."""
+    from llmopt.exporters.openvino import OpenVINOExporter
 
     check(recipe)
-    fp_plan = exporter.OpenVINOExporter().plan(fp_recipe(recipe))
+    fp_plan = OpenVINOExporter().plan(fp_recipe(recipe))
     q = recipe.quantization
+    candidates = HQQ_GROUP_SIZES if method_of(recipe) == "hqq" else (128, 64, 32, 16)
     group_size: int | str = q.group_size if q.group_size is not None else (
-        "largest of 128, 64, 32, 16 dividing every layer's input size")
-    compression = {"call": "nncf.compress_weights", **compression_arguments(recipe, group_size)}
+        f"largest of {', '.join(map(str, candidates))} dividing every layer's input size")
+    compression = {"call": "nncf.compress_weights" if method_of(recipe) == "nncf" else "llmopt.quantize.hqq",
+                   **compression_arguments(recipe, group_size)}
     if needs_data(recipe):
         compression["calibration"] = {
-            "dataset": q.dataset or DEFAULT_DATASET,
-            "samples": q.num_samples,
+            "dataset": q.dataset or DEFAULT_DATASET, "samples": q.num_samples,
             "each": f"prefill of up to {CALIBRATION_TOKENS} tokens, then {DECODE_STEPS} one-token decode steps",
         }
     runtime = dict(fp_plan["runtime"])
     runtime["ov_config"] = runtime_ov_config(recipe, runtime.get("ov_config") or {})
-    return {**{key: value for key, value in fp_plan.items() if key != "runtime"}, "compress": compression,
-            "runtime": runtime}
+    steps = {key: value for key, value in fp_plan.items() if key != "runtime"}
+    return {**steps, "compress": compression, "runtime": runtime}
 
 
 def fp_recipe(recipe: Recipe) -> Recipe:
@@ -206,10 +251,10 @@ def requantize(source_artifact: Path, source_manifest, recipe: Recipe, workdir: 
     source_artifact = Path(source_artifact)
     model_file = source_manifest.runtime.get("model", MODEL_FILE)
     group_size = resolve_group_size(recipe, read_config(source_artifact))
+    skipped = {"llmopt.json", model_file, str(Path(model_file).with_suffix(".bin"))}
     for path in source_artifact.iterdir():
-        if path.name in ("llmopt.json", model_file, Path(model_file).with_suffix(".bin").name) or not path.is_file():
-            continue
-        shutil.copy2(path, workdir / path.name)
+        if path.is_file() and path.name not in skipped:
+            shutil.copy2(path, workdir / path.name)
     tokenizer = load_tokenizer(source_artifact, recipe) if needs_data(recipe) else None
     details = compress_file(recipe, source_artifact / model_file, workdir / MODEL_FILE, group_size, tokenizer)
     return quantized_result(recipe, source_manifest.io, source_manifest.runtime, details)
@@ -218,7 +263,10 @@ def requantize(source_artifact: Path, source_manifest, recipe: Recipe, workdir: 
 def resolve_group_size(recipe: Recipe, config: dict[str, Any]) -> int | None:
     if recipe.quantization.weight_format != "int4":
         return None
-    return choose_group_size(recipe.quantization.group_size, matmul_input_sizes(config))
+    sizes = matmul_input_sizes(config)
+    if method_of(recipe) == "hqq":
+        return choose_group_size(recipe.quantization.group_size, sizes, HQQ_GROUP_SIZES)
+    return choose_group_size(recipe.quantization.group_size, sizes)
 
 
 def load_tokenizer(directory: Path, recipe: Recipe):
@@ -236,16 +284,32 @@ def quantized_result(recipe: Recipe, io: dict[str, Any], fp_runtime: dict[str, A
 def compress_file(recipe: Recipe, source: Path, destination: Path, group_size: int | None, tokenizer) -> dict[str, Any]:
     """Read the IR at ``source``, compress its weights, save it at ``destination`` (which may be ``source``)."""
     ov = require("openvino", extra="openvino")
-    nncf = require("nncf", extra="openvino")
     model = ov.Core().read_model(source)
-    pinned = {port.get_any_name(): port.get_partial_shape() for port in model.inputs}
     arguments = compression_arguments(recipe, group_size)
-    described = ", ".join(f"{key}={value}" for key, value in arguments.items())
-    events.info(f"compressing weights with NNCF ({described})")
-    call = dict(arguments)
-    call["mode"] = nncf.CompressWeightsMode(arguments["mode"])
+    events.info("compressing weights (" + ", ".join(f"{key}={value}" for key, value in arguments.items()) + ")")
+    if arguments["method"] == "hqq":
+        compress_hqq(model, group_size, recipe.quantization.all_layers)
+    else:
+        model = compress_nncf(model, recipe, arguments, tokenizer)
+    model.set_rt_info(kv_cache_precision(recipe), ["runtime_options", "KV_CACHE_PRECISION"])
+    staged = destination.with_name(destination.stem + ".compressed.xml")
+    ov.save_model(model, staged, compress_to_fp16=recipe.precision.dtype == "fp16")
+    del model
+    os.replace(staged.with_suffix(".bin"), destination.with_suffix(".bin"))
+    os.replace(staged, destination)
+    return {**arguments, "weights": weight_statistics(destination)}
+
+
+# -- NNCF -------------------------------------------------------------------------------------
+
+
+def compress_nncf(model, recipe: Recipe, arguments: dict[str, Any], tokenizer):
+    nncf = require("nncf", extra="openvino")
+    call = {key: value for key, value in arguments.items() if key != "method"}
+    call["mode"] = nncf.CompressWeightsMode(call["mode"])
     if "sensitivity_metric" in call:
         call["sensitivity_metric"] = nncf.SensitivityMetric(call["sensitivity_metric"])
+    pinned = {port.get_any_name(): port.get_partial_shape() for port in model.inputs}
     if "dataset" in call:
         model.reshape({name: batch_one(shape) for name, shape in pinned.items()})
         items = calibration_items(recipe, tokenizer, call["dataset"])
@@ -257,17 +321,11 @@ def compress_file(recipe: Recipe, source: Path, destination: Path, group_size: i
         compressed = nncf.compress_weights(model, **call)
     if "dataset" in call:
         compressed.reshape(pinned)
-    compressed.set_rt_info(kv_cache_precision(recipe), ["runtime_options", "KV_CACHE_PRECISION"])
-    staged = destination.with_name(destination.stem + ".compressed.xml")
-    ov.save_model(compressed, staged, compress_to_fp16=recipe.precision.dtype == "fp16")
-    del model, compressed
-    os.replace(staged.with_suffix(".bin"), destination.with_suffix(".bin"))
-    os.replace(staged, destination)
-    return {"backend": "nncf.compress_weights", **arguments, **weight_statistics(destination)}
+    return compressed
 
 
 def batch_one(shape):
-    """The pinned input shape with batch 1, for calibration (statistics do not depend on the batch)."""
+    """The pinned input shape with batch 1, for calibration (the statistics do not depend on the batch)."""
     dims = list(shape)
     dims[0] = 1
     return type(shape)(dims)
@@ -298,16 +356,85 @@ def stateful_inputs(ids: list[int], past: int) -> dict[str, np.ndarray]:
     }
 
 
-def weight_statistics(model_path: Path) -> dict[str, Any]:
-    """How many weight constants ended up in each element type (read back from the saved IR)."""
+# -- HQQ: float zero points -------------------------------------------------------------------
+
+
+def linear_weights(model) -> list[tuple[Any, Any, bool]]:
+    """(weight output, the Constant node, is_backup) for each 2D constant weight of a MatMul (x @ W^T).
+
+    Backup layers (int8 unless all_layers) are the embeddings (a constant a Gather reads) and the
+    last MatMul (its output is a model result, through at most a Convert).
+    """
+    found: dict[str, tuple[Any, Any, bool]] = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul" or not op.get_attributes().get("transpose_b"):
+            continue
+        weight = op.input_value(1)
+        constant = weight.get_node()
+        if constant.get_type_name() == "Convert":
+            constant = constant.input_value(0).get_node()
+        if constant.get_type_name() != "Constant" or len(constant.get_output_shape(0)) != 2:
+            continue
+        if not constant.get_output_element_type(0).is_real():
+            continue
+        readers = [target.get_node().get_type_name() for target in constant.output(0).get_target_inputs()]
+        backup = "Gather" in readers or _feeds_result(op)
+        name = constant.get_friendly_name()
+        found[name] = (weight, constant, backup or found.get(name, (None, None, False))[2])
+    return list(found.values())
+
+
+def _feeds_result(op) -> bool:
+    for target in op.output(0).get_target_inputs():
+        node = target.get_node()
+        if node.get_type_name() == "Result":
+            return True
+        if node.get_type_name() == "Convert" and any(
+            nested.get_node().get_type_name() == "Result" for nested in node.output(0).get_target_inputs()
+        ):
+            return True
+    return False
+
+
+def compress_hqq(model, group_size: int, all_layers: bool) -> None:
+    """Replace each linear weight by an int4 (HQQ) or int8 (backup) constant and its decompression."""
+    ov = require("openvino", extra="openvino")
+    ops = require("openvino.opset13", extra="openvino")
+    hqq = _hqq()
+    for weight, constant, backup in linear_weights(model):
+        data = constant.get_data().astype(np.float32)
+        out_features, in_features = data.shape
+        if backup and not all_layers:
+            quantized = hqq.quantize_sym(data, group_size, bits=8)
+            packed = ops.constant(quantized.q, ov.Type.i8)
+        else:
+            quantized = hqq.quantize_asym(data, group_size, bits=4)
+            packed = ops.constant(quantized.q, ov.Type.u4)
+        values = ops.convert(packed, ov.Type.f16)
+        if quantized.zero is not None:
+            values = ops.subtract(values, ops.constant(quantized.zero.astype(np.float16)))
+        values = ops.multiply(values, ops.constant(quantized.scale.astype(np.float16)))
+        values = ops.reshape(values, ops.constant(np.array([out_features, in_features], dtype=np.int64)), False)
+        decompressed = ops.convert(values, constant.get_output_element_type(0))
+        name = constant.get_friendly_name()
+        packed.set_friendly_name(name)
+        decompressed.set_friendly_name(f"{name}/decompressed")
+        for target in list(constant.output(0).get_target_inputs()):
+            target.replace_source_output(decompressed.output(0))
+
+
+def weight_statistics(model_path: Path) -> dict[str, int]:
+    """Weight constants of the saved IR by element type (u4, i8, ...) and their parameter counts."""
     ov = require("openvino", extra="openvino")
     model = ov.Core().read_model(model_path)
     counts: dict[str, int] = {}
     for node in model.get_ordered_ops():
-        if node.get_type_name() == "Constant" and node.get_output_size() == 1:
+        if node.get_type_name() != "Constant" or node.get_output_size() != 1:
+            continue
+        shape = list(node.get_output_shape(0))
+        size = int(np.prod(shape)) if shape else 1
+        if len(shape) >= 2 and shape[-1] > 1 and size >= 1024:  # weights, not scales or zero points
             element = node.get_output_element_type(0).get_type_name()
-            if element in ("u4", "i4", "u8", "i8", "nf4"):
-                shape = list(node.get_output_shape(0))
-                if len(shape) >= 2 and int(np.prod(shape)) >= 1024:
-                    counts[element] = counts.get(element, 0) + 1
-    return {"weight_constants": counts}
+            counts[f"{element}_tensors"] = counts.get(f"{element}_tensors", 0) + 1
+            counts[f"{element}_parameters"] = counts.get(f"{element}_parameters", 0) + size
+    return counts

@@ -53,7 +53,8 @@ class OnnxRunner(Runner):
             config.append_provider(OG_PROVIDERS[self.provider][0])
         # llmopt decides where rows stop (eos_token_ids may change after load); onnxruntime-genai, told of
         # no end token, never swaps a row's tokens for pads.
-        config.overlay(json.dumps({"model": {"pad_token_id": PAD_ID, "eos_token_id": [PAD_ID]}}))
+        # A single id, not a list: onnxruntime-genai 0.11 ignores a list overlay over a number in the file.
+        config.overlay(json.dumps({"model": {"pad_token_id": PAD_ID, "eos_token_id": PAD_ID}}))
         model = og.Model(config)
         if self.provider in OG_PROVIDERS and model.device_type.upper() != OG_PROVIDERS[self.provider][1]:
             # No silent CPU fallback: a GPU artifact that ends up on the CPU is an error, not a slow run.

@@ -2,9 +2,12 @@
 
 llmopt tokenizes and applies the chat template itself, so the pipeline gets token ids
 (``TokenizedInputs``, rows left-padded with the pad id and masked), never text: given a string,
-LLMPipeline would apply the chat template a second time. Prefix caching is off, so a repeated
-prompt is prefilled again and its time to first token stays honest. openvino-genai streams only a
-batch of one; a larger batch reports its tokens when the call returns.
+LLMPipeline would apply the chat template a second time. The paged-attention scheduler is always
+asked for explicitly: where it cannot compile, openvino-genai would otherwise fall back, silently,
+to its stateful loop, which drops finished rows from the batch and so fails on the artifact's
+pinned batch dimension. Its prefix caching is off, so a repeated prompt is prefilled again and its
+time to first token stays honest. openvino-genai streams only a batch of one; a larger batch
+reports its tokens when the call returns.
 
 The pipeline exposes no logits, so ``logits`` compiles the IR itself with OpenVINO Core and the
 same properties, and runs the stateful model once over the sequence.
@@ -68,7 +71,8 @@ class OpenVINORunner(Runner):
     def _generation_config(self, sampling: SamplingConfig, max_new_tokens: int):
         config = self.genai.GenerationConfig()
         config.max_new_tokens = max_new_tokens
-        config.ignore_eos = False
+        # No end-of-sequence ids (a fixed-length benchmark): genai would still stop at its own.
+        config.ignore_eos = not self.eos_token_ids
         if self.eos_token_ids:
             config.eos_token_id = min(self.eos_token_ids)
             config.stop_token_ids = set(self.eos_token_ids)

@@ -53,7 +53,7 @@ class StaticGraphRunner(Runner):
         raise NotImplementedError
 
     def cache_shape_and_type(self) -> tuple[tuple[int, ...], str]:
-        """The decode graph's past_keys shape [L, B, Hkv, S, D] and element type name."""
+        """The prefill graph's present_keys shape [L, B, Hkv, S, D] and element type name."""
         raise NotImplementedError
 
     def _run_prefill(self, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -92,7 +92,9 @@ class StaticGraphRunner(Runner):
     def decode_one_token(self, tokens: np.ndarray, positions: np.ndarray, keys: np.ndarray, values: np.ndarray) -> np.ndarray:
         """One step for every row: returns logits [B, V]; writes the new key/value into slot ``positions``."""
         feeds = {"input_ids": tokens[:, None], "position_ids": positions[:, None],
-                 "attention_mask": self.decode_mask(positions), "past_keys": keys, "past_values": values}
+                 "attention_mask": self.decode_mask(positions)}
+        for layer in range(len(keys)):  # views of the host cache: no copy
+            feeds[f"past_key_{layer}"], feeds[f"past_value_{layer}"] = keys[layer], values[layer]
         logits, new_keys, new_values = self._run_decode(feeds)
         rows = np.arange(len(tokens))
         # Advanced indices on axes 1 and 3 put the row axis first: [B, L, Hkv, D].
@@ -198,8 +200,8 @@ class OnnxStaticRunner(StaticGraphRunner):
         self.decode_session = ort.InferenceSession(str(decode), providers=providers)
 
     def cache_shape_and_type(self):
-        past = next(item for item in self.decode_session.get_inputs() if item.name == "past_keys")
-        return tuple(past.shape), "float16" if past.type == "tensor(float16)" else "float32"
+        present = next(item for item in self.prefill_session.get_outputs() if item.name == "present_keys")
+        return tuple(present.shape), "float16" if present.type == "tensor(float16)" else "float32"
 
     def _run_prefill(self, feeds):
         return tuple(self.prefill_session.run(["logits", "present_keys", "present_values"], feeds))
@@ -228,8 +230,8 @@ class OpenVINOStaticRunner(StaticGraphRunner):
         self.decode_request = self.decode_model.create_infer_request()
 
     def cache_shape_and_type(self):
-        past = self.decode_model.input("past_keys")
-        return tuple(past.get_shape()), "float16" if past.get_element_type().get_type_name() == "f16" else "float32"
+        present = self.prefill_model.output("present_keys")
+        return tuple(present.get_shape()), "float16" if present.get_element_type().get_type_name() == "f16" else "float32"
 
     def _run(self, request, feeds, names):
         # share_inputs: the host cache is read in place; outputs are copied out of the request's buffers.
