@@ -40,6 +40,7 @@ LOADER = "llmopt-static"
 WEIGHTS_FILE = "weights.bin"  # the ONNX backend's external data, shared by both graphs
 ONNX_DTYPES = {"fp32": "float32", "fp16": "float16"}
 OV_PRECISION_HINTS = {"fp32": "f32"}  # OpenVINO would otherwise run fp32 IR in bf16 on CPUs that have it
+GENAI_ONLY_PROPERTIES = ("ATTENTION_BACKEND",)
 # Model dimensions the plan cannot know without reading the checkpoint; export fills them in.
 SYMBOLIC_DIMS = {"layers": "num_layers", "kv_heads": "num_kv_heads", "head_dim": "head_dim", "vocab": "vocab_size"}
 # Initializers smaller than this stay inside the graph; the rest go to the shared weights file.
@@ -133,7 +134,8 @@ def runtime_options(recipe: Recipe, backend: str) -> dict[str, Any]:
         ov_config: dict[str, Any] = {}
         if recipe.precision.dtype in OV_PRECISION_HINTS:
             ov_config["INFERENCE_PRECISION_HINT"] = OV_PRECISION_HINTS[recipe.precision.dtype]
-        ov_config.update(recipe.openvino.ov_config)  # the recipe's own settings win
+        # The recipe's own settings win; those meant for the openvino-genai pipeline do not apply here.
+        ov_config.update({key: value for key, value in recipe.openvino.ov_config.items() if key not in GENAI_ONLY_PROPERTIES})
         runtime.update(device=recipe.openvino.device, ov_config=ov_config)
     return runtime
 
@@ -143,7 +145,7 @@ def static_plan(recipe: Recipe, backend: str) -> dict[str, Any]:
     check_static(recipe, backend)
     shapes = recipe.shapes
     steps = [
-        f"transformers AutoModelForCausalLM.from_pretrained(torch_dtype={ONNX_DTYPES[recipe.precision.dtype]}, "
+        f"transformers AutoModelForCausalLM.from_pretrained(dtype={ONNX_DTYPES[recipe.precision.dtype]}, "
         "attn_implementation=eager)",
         f"torch.onnx.export(dynamo=False, opset_version={opset_of(recipe)}) of the prefill and decode wrappers",
     ]
@@ -178,7 +180,13 @@ def model_dims(config) -> dict[str, int]:
 
 
 def _check_config(config, sequence_length: int) -> None:
-    window = getattr(config, "sliding_window", None)
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and positions < sequence_length:
+        raise RecipeError(
+            f"shapes.sequence_length {sequence_length} exceeds the model's context length ({positions})",
+            hint=f"use shapes.sequence_length <= {positions}",
+        )
+    window = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
     if window is not None and window < sequence_length:
         raise RecipeError(
             f"shapes.static: the model's sliding window ({window}) is shorter than shapes.sequence_length "

@@ -145,9 +145,7 @@ class OpenVINORunner(Runner):
             "position_ids": np.tile(np.arange(length, dtype=np.int64), (rows, 1)),
             "beam_idx": np.arange(rows, dtype=np.int32),
         })
-        logits = request.get_tensor("logits").data[0]
-        request.reset_state()
-        return np.array(logits, dtype=np.float32)
+        return np.array(request.get_tensor("logits").data[0], dtype=np.float32)
 
     def _logits_infer_request(self):
         if self._logits_request is None:

@@ -26,9 +26,10 @@ MASKED = {np.float32: np.finfo(np.float32).min, np.float16: np.finfo(np.float16)
 class StaticGraphRunner(Runner):
     """Prefill + decode over two static graphs; subclasses implement _open, _run_prefill, _run_decode."""
 
-    def __init__(self, path: Path, batch_size: int, sequence_length: int, manifest=None):
+    def __init__(self, path: Path, batch_size: int, sequence_length: int, manifest=None, threads: int | None = None):
         super().__init__(path, batch_size, sequence_length, manifest)
         self.runtime = dict(manifest.runtime) if manifest is not None else {}
+        self.threads = threads
         graphs = self.runtime.get("graphs") or self.default_graphs
         for name in ("prefill", "decode"):
             if not (self.path / graphs[name]).is_file():
@@ -80,8 +81,8 @@ class StaticGraphRunner(Runner):
         """Run the right-padded prompts; returns logits [B, S, V] and the filled cache."""
         width = self.sequence_length
         lengths = np.array([len(ids) for ids in batch], dtype=np.int64)
-        if lengths.max() > width:
-            raise UsageError(f"a prompt of {lengths.max()} tokens does not fit sequence_length {width}")
+        if len(batch) != self.batch_size or lengths.max() > width:
+            raise UsageError(f"the graphs take {self.batch_size} rows of at most {width} tokens")
         input_ids = np.full((len(batch), width), self.pad_token_id, dtype=np.int64)
         for row, ids in enumerate(batch):
             input_ids[row, : len(ids)] = ids
@@ -104,8 +105,11 @@ class StaticGraphRunner(Runner):
 
     def generate(self, batch: list[list[int]], sampling: SamplingConfig, on_token: TokenCallback | None = None) -> BatchOutput:
         started = time.perf_counter()
-        sampler = Sampler(sampling, batch)
         lengths = np.array([len(ids) for ids in batch], dtype=np.int64)
+        if len(batch) != self.batch_size or lengths.min() < 1 or lengths.max() >= self.sequence_length:
+            raise UsageError(f"generate needs {self.batch_size} prompts of 1 to {self.sequence_length - 1} tokens, "
+                             f"got {len(batch)} of {lengths.min()} to {lengths.max()}")
+        sampler = Sampler(sampling, batch)
         logits, present_keys, present_values = self.prefill(batch)
         keys = np.array(present_keys, dtype=self.float_type, copy=True)  # the host cache, written in place
         values = np.array(present_values, dtype=self.float_type, copy=True)
@@ -196,8 +200,11 @@ class OnnxStaticRunner(StaticGraphRunner):
     def _open(self, prefill: Path, decode: Path) -> None:
         ort = require("onnxruntime", extra="onnx")
         providers = self.runtime.get("providers") or ["CPUExecutionProvider"]
-        self.prefill_session = ort.InferenceSession(str(prefill), providers=providers)
-        self.decode_session = ort.InferenceSession(str(decode), providers=providers)
+        options = ort.SessionOptions()
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+        self.prefill_session = ort.InferenceSession(str(prefill), options, providers=providers)
+        self.decode_session = ort.InferenceSession(str(decode), options, providers=providers)
 
     def cache_shape_and_type(self):
         present = next(item for item in self.prefill_session.get_outputs() if item.name == "present_keys")
@@ -223,7 +230,9 @@ class OpenVINOStaticRunner(StaticGraphRunner):
         ov = require("openvino", extra="openvino")
         core = ov.Core()
         device = self.runtime.get("device", "CPU")
-        config = {key: str(value) for key, value in (self.runtime.get("ov_config") or {}).items()}
+        config = dict(self.runtime.get("ov_config") or {})
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
         self.prefill_model = core.compile_model(str(prefill), device, config)
         self.decode_model = core.compile_model(str(decode), device, config)
         self.prefill_request = self.prefill_model.create_infer_request()
