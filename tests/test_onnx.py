@@ -20,18 +20,11 @@ from llmopt import api, artifact, generation
 from llmopt.errors import ArtifactError, MissingDependencyError, PromptTooLongError, RecipeError, UsageError
 from llmopt.recipe import resolve
 from llmopt.runners.base import SamplingConfig
+from tests.conftest import PROMPTS, pytorch_results  # noqa: F401
 
 pytestmark = pytest.mark.onnx
 
 INSTALL_HINT = "the onnx extra is not installed: pip install 'llmopt[onnx]'"
-PROMPTS = [  # different lengths, so batches are padded
-    "Hi",
-    "The quick brown fox jumps over the lazy dog.",
-    "Compilers turn programs into machine code; runtimes execute them quickly.",
-    "def generate(tokens):\n    return model(tokens)",
-]
-
-
 def needs_onnxruntime_genai():
     pytest.importorskip("onnxruntime_genai", reason=INSTALL_HINT)
     pytest.importorskip("onnx", reason=INSTALL_HINT)
@@ -47,40 +40,6 @@ def export(tmp_path_factory, model: Path, batch_size: int, sequence_length: int)
     output = tmp_path_factory.mktemp("onnx") / f"b{batch_size}-s{sequence_length}"
     api.export(onnx_recipe(model, batch_size, sequence_length), output)
     return output
-
-
-def pytorch_results(checkpoint: Path, manifest, prompts: list[str], sampling: SamplingConfig, chat: bool = True):
-    """PyTorch on the same prompts, batched and length-limited like the artifact."""
-    from llmopt.runners.pytorch import PyTorchRunner
-
-    runner = PyTorchRunner.from_checkpoint(checkpoint, batch_size=manifest.batch_size,
-                                           sequence_length=manifest.sequence_length, threads=1)
-    try:
-        return generation.generate(runner, prompts, sampling, chat=chat)
-    finally:
-        runner.close()
-
-
-@pytest.fixture(scope="module")
-def untied_llama(tiny_llama, tmp_path_factory) -> Path:
-    """tiny_llama's tokenizer on a random Llama with an untied head and a wider init."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    directory = tmp_path_factory.mktemp("untied-llama")
-    for file in tiny_llama.iterdir():
-        if file.name not in ("config.json", "model.safetensors"):
-            shutil.copy2(file, directory / file.name)
-    base = json.loads((tiny_llama / "config.json").read_text())
-    torch.manual_seed(1)
-    config = LlamaConfig(
-        vocab_size=base["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
-        bos_token_id=base["bos_token_id"], eos_token_id=base["eos_token_id"], pad_token_id=base["pad_token_id"],
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).eval().save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

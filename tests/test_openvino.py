@@ -2,7 +2,7 @@
 
 Pure tests (check, plan) run anywhere; the rest export small artifacts and need the openvino
 extra. tiny_llama's greedy output only repeats the prompt's last token, so token-for-token parity
-is also checked on ``untied_llama`` (shared with test_onnx), whose greedy text depends on the whole
+is also checked on ``untied_llama`` (from conftest), whose greedy text depends on the whole
 context. torch runs on one thread beside OpenVINO, whose threads it would otherwise fight.
 """
 
@@ -21,7 +21,7 @@ from llmopt.errors import PromptTooLongError, RecipeError, UsageError
 from llmopt.recipe import resolve
 from llmopt.runners.base import SamplingConfig
 # The shared parity pieces: the prompts, PyTorch on them, and a fixture (a random Llama with an untied head).
-from tests.test_onnx import PROMPTS, pytorch_results, untied_llama  # noqa: F401
+from tests.conftest import PROMPTS, pytorch_results
 
 pytestmark = pytest.mark.openvino
 
@@ -64,12 +64,12 @@ def tiny_b1(tiny_llama, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def untied_b1(untied_llama, tmp_path_factory) -> Path:  # noqa: F811
+def untied_b1(untied_llama, tmp_path_factory) -> Path:  
     return export(tmp_path_factory, untied_llama, batch_size=1, sequence_length=96)
 
 
 @pytest.fixture(scope="module")
-def untied_b4(untied_llama, tmp_path_factory) -> Path:  # noqa: F811
+def untied_b4(untied_llama, tmp_path_factory) -> Path:  
     return export(tmp_path_factory, untied_llama, batch_size=4, sequence_length=96)
 
 
@@ -159,7 +159,7 @@ def test_fp32_artifact_compiles_to_fp32(untied_b4):
     assert compiled.get_property("KV_CACHE_PRECISION") == ov.Type.f32
 
 
-def test_fp16_artifact_stores_fp16_weights_and_validates(untied_llama, tmp_path_factory):  # noqa: F811
+def test_fp16_artifact_stores_fp16_weights_and_validates(untied_llama, tmp_path_factory):  
     import openvino as ov
 
     path = export(tmp_path_factory, untied_llama, batch_size=1, sequence_length=64, **{"precision.dtype": "fp16"})
@@ -170,7 +170,7 @@ def test_fp16_artifact_stores_fp16_weights_and_validates(untied_llama, tmp_path_
     assert weights and all(op.get_element_type() == ov.Type.f16 for op in weights)
 
 
-def test_artifact_loads_in_plain_openvino_genai(untied_b4, untied_llama):  # noqa: F811
+def test_artifact_loads_in_plain_openvino_genai(untied_b4, untied_llama):  
     # With no properties at all it runs a string through its own tokenizer and chat template; with
     # the manifest's properties, a single row of token ids (the pinned batch does not bind genai).
     prompt_ids = [1, 17, 42, 99, 7, 300, 12]
@@ -202,7 +202,7 @@ def test_artifact_loads_in_plain_openvino_genai(untied_b4, untied_llama):  # noq
 
 
 @pytest.mark.parametrize("artifact_name", ["tiny_b1", "untied_b1", "untied_b4"])
-def test_greedy_run_matches_pytorch(artifact_name, request, tiny_llama, untied_llama):  # noqa: F811
+def test_greedy_run_matches_pytorch(artifact_name, request, tiny_llama, untied_llama):  
     path = request.getfixturevalue(artifact_name)
     checkpoint = tiny_llama if artifact_name.startswith("tiny") else untied_llama
     manifest = artifact.read_manifest(path)
@@ -215,7 +215,7 @@ def test_greedy_run_matches_pytorch(artifact_name, request, tiny_llama, untied_l
         assert got.ttft_ms > 0
 
 
-def test_repetition_penalty_matches_pytorch(untied_b4, untied_llama):  # noqa: F811
+def test_repetition_penalty_matches_pytorch(untied_b4, untied_llama):  
     sampling = SamplingConfig(max_new_tokens=24, repetition_penalty=1.3)
     runner = api.open_runner(untied_b4)
     try:
@@ -226,7 +226,7 @@ def test_repetition_penalty_matches_pytorch(untied_b4, untied_llama):  # noqa: F
     assert [r.token_ids for r in results] == [r.token_ids for r in expected]
 
 
-def test_rows_stop_at_their_own_end_of_sequence(untied_b4, untied_llama):  # noqa: F811
+def test_rows_stop_at_their_own_end_of_sequence(untied_b4, untied_llama):  
     # openvino-genai drops finished rows mid-batch: the pinned batch must still run to the end.
     from llmopt.runners.pytorch import PyTorchRunner
 
@@ -281,7 +281,7 @@ def test_prompt_longer_than_the_artifact_is_refused(tiny_b1):
         runner.close()
 
 
-def test_teacher_forced_logits_match_pytorch_with_a_pinned_batch(untied_b4, untied_llama):  # noqa: F811
+def test_teacher_forced_logits_match_pytorch_with_a_pinned_batch(untied_b4, untied_llama):  
     from llmopt.runners.pytorch import PyTorchRunner
 
     token_ids = list(range(3, 99))  # the whole sequence_length
