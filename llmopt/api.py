@@ -232,7 +232,13 @@ def quantize_recipe(source: Path, overrides: dict[str, Any]) -> tuple[Recipe, Ma
         raise UsageError(f"quantizing an artifact keeps its model, target, shapes and precision; cannot set {', '.join(fixed)}",
                          hint="quantize the checkpoint with -m to choose them")
     source_manifest = artifact.load(source, verify=True)
-    recipe = recipe_module.resolve(None, overrides, base=source_manifest.recipe)
+    # The stored recipe has every field written out: keep what the artifact fixes and its runtime
+    # sections, but not its fp validation thresholds nor its (empty) quantization section, so the
+    # weight format's defaults apply to what the overrides leave unset.
+    base = {key: value for key, value in source_manifest.recipe.items() if key != "quantization"}
+    base["validation"] = {key: value for key, value in (base.get("validation") or {}).items()
+                          if key not in ("min_top1_agreement", "max_mean_kl")}
+    recipe = recipe_module.resolve(None, overrides, base=base)
     if not recipe.quantization.enabled:
         raise UsageError("nothing to quantize: quantization.weight_format is none", hint="pass --weight-format int8 or int4")
     quantization.check_source(source_manifest, recipe)

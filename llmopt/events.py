@@ -4,7 +4,8 @@ Library code calls ``step("export")`` and ``info("...")``; the CLI decides how t
 (rich lines on a terminal, plain lines otherwise, or one JSON object per event).
 
 Test hook: ``LLMOPT_FAULT_SLEEP_AT=<step>`` (or ``<step>:end``) makes the process log a warning and
-sleep at the start (or the end) of that step, so tests/test_fault.py can kill -9 it there.
+sleep at the start (or the end) of that step, so tests/test_fault.py can kill -9 it there; it exits
+without cleanup once its parent is gone or after ten minutes.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ def _fault_point(name: str, when: str) -> None:
     wanted = os.environ.get("LLMOPT_FAULT_SLEEP_AT")
     if wanted and wanted in (f"{name}:{when}", name if when == "start" else None):
         warning(f"fault hook: sleeping at {name}:{when}", fault=f"{name}:{when}", pid=os.getpid())
-        time.sleep(3600)
+        parent, deadline = os.getppid(), time.monotonic() + 600
+        while os.getppid() == parent and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os._exit(137)  # the test meant to kill us here: never go on, and exit like a kill if it could not
 
 
 @contextlib.contextmanager

@@ -69,7 +69,9 @@ def kill_export_at(args: list[str], env: dict[str, str], reached) -> subprocess.
 
 
 def at_hook(point: str):
-    return lambda events, pid: any(e.get("fields", {}).get("fault") == point for e in events)
+    """The export logged that it is sleeping at ``point`` (``step`` means ``step:start``)."""
+    wanted = point if ":" in point else f"{point}:start"
+    return lambda events, pid: any(e.get("fields", {}).get("fault") == wanted for e in events)
 
 
 def first_file_written(output: Path):

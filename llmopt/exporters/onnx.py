@@ -65,11 +65,9 @@ class OnnxExporter(Exporter):
                 hint="set precision.dtype: fp32, or onnx.provider: cuda",
             )
         if recipe.quantization.enabled:
-            raise RecipeError(
-                f"quantization.weight_format '{recipe.quantization.weight_format}' is not supported by the onnx "
-                "target yet; accepted: none",
-                hint="set quantization.weight_format: none",
-            )
+            from llmopt.quantize import onnx as quantize
+
+            quantize.check(recipe)
         if recipe.onnx.opset not in (None, BUILDER_OPSET):
             raise RecipeError(
                 f"onnx.opset {recipe.onnx.opset}: the onnxruntime-genai model builder writes opset {BUILDER_OPSET}; "
@@ -83,6 +81,10 @@ class OnnxExporter(Exporter):
 
             return static_plan(recipe, "onnx")
         self.check(recipe)
+        if recipe.quantization.enabled:  # the fp export below, then the MatMulNBits rewrite
+            from llmopt.quantize import onnx as quantize
+
+            return quantize.plan(recipe)
         shapes = recipe.shapes
         return {
             "builder": {
@@ -126,6 +128,10 @@ class OnnxExporter(Exporter):
             from llmopt.exporters.static import export_static
 
             return export_static(recipe, checkpoint, workdir, "onnx")
+        if recipe.quantization.enabled:  # exports the fp graph through this method, then quantizes it
+            from llmopt.quantize import onnx as quantize
+
+            return quantize.build(recipe, checkpoint, workdir)
         shapes = recipe.shapes
         check_context_length(checkpoint, shapes.sequence_length)
         run_builder(recipe, checkpoint, workdir)

@@ -22,6 +22,7 @@ SmolLM2-135M into a repetition loop, so it is never the default. The key/value c
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -324,8 +325,14 @@ def compress_nncf(model, recipe: Recipe, arguments: dict[str, Any], tokenizer):
         call["subset_size"] = len(items)
     from llmopt.exporters.openvino import backend_output_hidden
 
-    with backend_output_hidden("nncf"):
-        compressed = nncf.compress_weights(model, **call)
+    nncf_logger = logging.getLogger("nncf")  # its bit-width table goes to the logger, not stdout
+    level = nncf_logger.level
+    nncf_logger.setLevel(logging.WARNING)
+    try:
+        with backend_output_hidden("nncf"):
+            compressed = nncf.compress_weights(model, **call)
+    finally:
+        nncf_logger.setLevel(level)
     if "dataset" in call:
         compressed.reshape(pinned)
     return compressed
