@@ -113,7 +113,11 @@ class ArtifactCache:
         try:
             with events.step("restore", f"cache hit: copying {entry} to {output}"):
                 with artifact.staging(output, force) as workdir:
-                    shutil.copytree(entry, workdir, dirs_exist_ok=True, symlinks=False)
+                    # File by file, not copytree: a full disk must surface as ENOSPC, not as a bad entry.
+                    for relative in artifact.read_manifest(entry).files:
+                        (workdir / relative).parent.mkdir(parents=True, exist_ok=True)
+                        shutil.copy2(entry / relative, workdir / relative)
+                    shutil.copy2(entry / artifact.MANIFEST_NAME, workdir / artifact.MANIFEST_NAME)
                     manifest = artifact.load(workdir, verify=True)
                     if manifest.cache_key != key:
                         raise ArtifactError(f"cache entry '{entry}' holds an artifact with key {manifest.cache_key}")

@@ -17,7 +17,7 @@ from llmopt.cache import ArtifactCache
 from llmopt.cli.main import main
 from llmopt.recipe import Recipe
 
-from tests._hardening import edit_manifest, flip_byte, largest_file, pytorch_artifact, require_exporter
+from tests._hardening import edit_manifest, flip_byte, largest_file, pytorch_artifact, require_exporter, small_tmpfs
 
 BACKENDS = ("torch", "transformers")
 
@@ -137,6 +137,20 @@ def test_restore_keeps_existing_output_without_force(store, checkpoint, tmp_path
         store.restore(key, tmp_path / "out")
     assert store.restore(key, tmp_path / "out", force=True) is not None
     artifact.load(tmp_path / "out")
+
+
+def test_full_output_disk_keeps_the_entry(store, checkpoint, tmp_path):
+    """ENOSPC while restoring is the output's problem, not a bad entry: it propagates, the entry stays."""
+    import errno
+
+    key = "9" * 64
+    store.store(key, _cached_artifact(checkpoint, tmp_path / "built", key))
+    with small_tmpfs(tmp_path / "small", "64k") as disk:
+        with pytest.raises(OSError) as error:
+            store.restore(key, disk / "out")
+        assert error.value.errno == errno.ENOSPC
+        assert list(disk.iterdir()) == []
+    artifact.load(store.entry(key))
 
 
 def _store_in_child(root, key, source):

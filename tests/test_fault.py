@@ -23,7 +23,7 @@ from llmopt import artifact
 from llmopt.cli.main import main
 
 from tests._hardening import (ROOT, assert_one_line_error, copy_artifact, edit_manifest, exported_onnx, flip_byte,
-                              largest_file, llmopt_subprocess, require_exporter)
+                              largest_file, llmopt_subprocess, require_exporter, small_tmpfs)
 
 pytestmark = pytest.mark.fault
 
@@ -190,16 +190,8 @@ def test_two_exports_to_one_output(tiny_llama, tmp_path, old_artifact):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    mount_point = tmp_path / "small"
-    mount_point.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a 256 KiB tmpfs here (needs root): {mounted.stderr.strip() or mounted.returncode}")
-    try:
+    with small_tmpfs(tmp_path / "small") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
 
 
 def test_full_disk_is_one_line_and_leaves_nothing(tiny_llama, tmp_path, small_disk, old_artifact):

@@ -125,7 +125,8 @@ def test_plan_names_two_graphs_with_only_fixed_dimensions(backend):
 def test_openvino_plan_pins_fp32_inference_precision():
     runtime = api.plan(static_recipe("some/model", "openvino"))["plan"]["runtime"]
     assert runtime["ov_config"] == {"INFERENCE_PRECISION_HINT": "f32"}
-    runtime = api.plan(static_recipe("some/model", "openvino", **{"openvino.ov_config": {"NUM_STREAMS": 1}}))["plan"]["runtime"]
+    overrides = {"openvino.ov_config": {"NUM_STREAMS": 1, "ATTENTION_BACKEND": "SDPA"}}  # the latter is openvino-genai's
+    runtime = api.plan(static_recipe("some/model", "openvino", batch_size=2, **overrides))["plan"]["runtime"]
     assert runtime["ov_config"] == {"INFERENCE_PRECISION_HINT": "f32", "NUM_STREAMS": 1}
 
 
@@ -204,6 +205,20 @@ def test_export_validates_against_pytorch(context_llama, exported, backend, batc
     validation = artifact.load(exported(context_llama, backend, batch_size)).validation
     assert validation["passed"] and validation["top1_agreement"] == 1.0 and validation["mean_kl"] < 1e-6
     assert validation["tokens"] == SEQUENCE_LENGTH
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_exports_fp16_graphs(context_llama, tmp_path, backend):
+    needs(backend)
+    path = tmp_path / "fp16"
+    report = api.export(static_recipe(context_llama, backend, 2, **{"precision.dtype": "fp16"}), path)
+    assert report.manifest.validation["passed"]
+    assert report.manifest.io["decode"]["inputs"]["past_key_0"]["dtype"] == "float16"
+    runner = api.open_runner(path)
+    assert runner.float_type == np.float16
+    batch = encode(runner.tokenizer, PROMPTS, 2)
+    output = runner.generate(batch, SamplingConfig(max_new_tokens=8))
+    assert all(1 <= len(sequence.token_ids) <= 8 for sequence in output.sequences)
 
 
 # --------------------------------------------------------------------------- generation

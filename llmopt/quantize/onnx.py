@@ -370,7 +370,7 @@ def rewrite(model, targets: list[Target], blocks: dict[str, Blocks], block_size:
         nodes.append(helper.make_node(
             "MatMulNBits", [node.input[0], *names], list(node.output), name=f"{node.name}_Q{quantized.bits}",
             domain="com.microsoft", K=k_in, N=n_out, bits=quantized.bits, block_size=block_size,
-            accuracy_level=ACCURACY_LEVEL,
+            accuracy_level=accuracy_level(quantized.bits),
         ))
         if target.role == "lm_head":
             lm_head_inputs[target.weight] = names
@@ -383,6 +383,10 @@ def rewrite(model, targets: list[Target], blocks: dict[str, Blocks], block_size:
     graph.node.extend(nodes)
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def accuracy_level(bits: int) -> int:
+    return ACCURACY_LEVEL
 
 
 def share_embedding(nodes, lm_head_inputs, blocks, targets, block_size, new_initializers, model=None):

@@ -36,15 +36,15 @@ class StaticGraphRunner(Runner):
                 raise ArtifactError(f"artifact '{self.path}': graph file '{graphs[name]}' is missing",
                                     hint="re-export the artifact")
         self._open(self.path / graphs["prefill"], self.path / graphs["decode"])
-        self.float_type = np.float16 if self.cache_shape_and_type()[1] == "float16" else np.float32
-        self.cache_shape = self.cache_shape_and_type()[0]
+        self.cache_shape, element_type = self.cache_shape_and_type()
+        self.float_type = np.float16 if element_type == "float16" else np.float32
         if self.cache_shape[1] != batch_size or self.cache_shape[3] != sequence_length:
             raise ArtifactError(
                 f"artifact '{self.path}': graphs are built for batch {self.cache_shape[1]} and sequence length "
                 f"{self.cache_shape[3]}, the manifest says {batch_size} and {sequence_length}"
             )
         self.masked = MASKED[self.float_type]
-        self.pad_token_id = min(self.eos_token_ids) if self.eos_token_ids else 0
+        self.pad_token_id = min(self.eos_token_ids) if self.eos_token_ids else 0  # any id: padding is masked
 
     # -- backend hooks --------------------------------------------------------------------
 
@@ -121,15 +121,7 @@ class StaticGraphRunner(Runner):
         finish: list[str | None] = [None] * len(batch)
         positions = lengths.copy()  # where each row's next input token sits
         while True:
-            for row, token in enumerate(tokens.tolist()):
-                if finish[row] is None:
-                    generated[row].append(token)
-                    if on_token is not None:
-                        on_token(row, token)
-                    if token in self.eos_token_ids:
-                        finish[row] = "stop"
-                    elif len(generated[row]) >= budget[row]:
-                        finish[row] = "length"
+            self._take(tokens, generated, finish, budget, on_token)
             active = np.array([reason is None for reason in finish])
             if not active.any():
                 break
@@ -142,6 +134,20 @@ class StaticGraphRunner(Runner):
             ttft_s=first_token_at - started,
             decode_s=finished - first_token_at,
         )
+
+    def _take(self, tokens: np.ndarray, generated: list[list[int]], finish: list[str | None], budget: np.ndarray,
+              on_token: TokenCallback | None) -> None:
+        """Append each unfinished row's new token; mark rows that hit end-of-sequence or their budget."""
+        for row, token in enumerate(tokens.tolist()):
+            if finish[row] is not None:
+                continue
+            generated[row].append(token)
+            if on_token is not None:
+                on_token(row, token)
+            if token in self.eos_token_ids:
+                finish[row] = "stop"
+            elif len(generated[row]) >= budget[row]:
+                finish[row] = "length"
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         if len(token_ids) > self.sequence_length:
