@@ -64,7 +64,9 @@ def test_plan_shows_the_compression_and_runtime():
     assert compress["awq"] and compress["scale_estimation"] and compress["dataset"] == "default"
     ov_config = planned["plan"]["runtime"]["ov_config"]
     assert ov_config["KV_CACHE_PRECISION"] == "u8" and ov_config["PERFORMANCE_HINT"] == "LATENCY"
-    assert ov_config["INFERENCE_PRECISION_HINT"] == "f32" and ov_config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 0
+    assert ov_config["INFERENCE_PRECISION_HINT"] == "f32" and "DYNAMIC_QUANTIZATION_GROUP_SIZE" not in ov_config
+    int8 = api.plan(ov_recipe("m", **{"quantization.weight_format": "int8"}))["plan"]["runtime"]["ov_config"]
+    assert int8["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 0  # f32 activations for int8 weights
 
 
 def test_shipped_recipes_plan():

@@ -256,8 +256,9 @@ def quantize_model(recipe: Recipe, source_dir: Path, destination_dir: Path, bloc
     algorithm = resolved_algorithm(recipe)
     symmetric = bool(recipe.quantization.symmetric)
     moments = None
-    if algorithm == "gptq" and any(bits[t.node.name] == 4 and t.role != "lm_head" for t in targets):
-        moments = input_moments(model, targets, recipe, Path(source_dir))
+    calibrated = [t for t in targets if algorithm == "gptq" and bits[t.node.name] == 4 and t.role != "lm_head"]
+    if calibrated:
+        moments = input_moments(model, calibrated, recipe, Path(source_dir))
     events.info(f"quantizing {len(targets)} MatMuls to MatMulNBits ({recipe.quantization.weight_format}, "
                 f"{algorithm}, blocks of {block_size})")
     torch = require("torch", extra="onnx")
@@ -270,7 +271,7 @@ def quantize_model(recipe: Recipe, source_dir: Path, destination_dir: Path, bloc
             target_bits = bits[target.node.name]
             if target.role == "lm_head" and target_bits == 8:
                 blocks[target.node.name] = quantize_symmetric(weight, 8, block_size)
-            elif algorithm == "gptq" and target_bits == 4 and moments is not None:
+            elif target_bits == 4 and moments is not None and target.node.input[0] in moments:
                 blocks[target.node.name] = quantize_gptq(weight, moments[target.node.input[0]], 4, block_size, symmetric)
             else:
                 blocks[target.node.name] = quantize_rtn(weight, target_bits, block_size, symmetric)
@@ -542,7 +543,7 @@ def quantize_gptq(weight: np.ndarray, moment: np.ndarray, bits: int, block_size:
 
 
 def input_moments(model, targets: list[Target], recipe: Recipe, source_dir: Path) -> dict[str, np.ndarray]:
-    """``sum x x^T`` of every quantized MatMul's input over the calibration text, from the fp32 graph itself.
+    """``sum x x^T`` of the inputs of ``targets`` over the calibration text, from the fp32 graph itself.
 
     The graph runs in plain onnxruntime with an empty past (so any batch-pinned graph runs with
     batch 1), each input of a MatMul added as an output.
@@ -554,7 +555,7 @@ def input_moments(model, targets: list[Target], recipe: Recipe, source_dir: Path
     q = recipe.quantization
     limit = min(CALIBRATION_TOKENS, recipe.shapes.sequence_length)
     samples = [ids for ids in calibration.token_samples(q.dataset, q.num_samples, tokenizer, limit) if ids]
-    wanted = sorted({t.node.input[0] for t in targets if t.role != "lm_head"})
+    wanted = sorted({t.node.input[0] for t in targets})
     events.info(f"calibrating on {len(samples)} samples of '{q.dataset or 'default'}' ({sum(map(len, samples))} tokens)")
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
