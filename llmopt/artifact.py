@@ -123,6 +123,24 @@ def _swap_into_place(staged: Path, output: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_partials(output: Path) -> None:
+    """Remove ``OUT.partial-<pid>`` directories left by exports that were killed (their pid is gone)."""
+    for candidate in output.parent.glob(f"{output.name}{PARTIAL_MARKER}*"):
+        pid = candidate.name.rsplit(PARTIAL_MARKER, 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(candidate, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staging(output: Path, force: bool = False) -> Iterator[Path]:
     """Yield an empty sibling work directory; the caller writes the artifact body into it.
@@ -133,6 +151,7 @@ def staging(output: Path, force: bool = False) -> Iterator[Path]:
     output = Path(output)
     check_output_free(output, force)
     output.parent.mkdir(parents=True, exist_ok=True)
+    sweep_stale_partials(output)
     workdir = output.with_name(f"{output.name}{PARTIAL_MARKER}{os.getpid()}")
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir()

@@ -83,6 +83,9 @@ def generate(
     """Run every prompt through ``runner`` in batches of its pinned batch size."""
     if not prompts:
         raise UsageError("no prompt given; pass PROMPT arguments or --prompts-file")
+    for index, prompt in enumerate(prompts):
+        if not prompt:  # the chat template would wrap an empty prompt into a non-empty one
+            raise UsageError(f"prompt {index + 1} is empty; give some text")
     tokenizer = runner.tokenizer
     encoded = [encode_prompt(tokenizer, prompt, chat) for prompt in prompts]
     for index, ids in enumerate(encoded):  # refuse before any work

@@ -87,6 +87,15 @@ def _no_hub(monkeypatch):
     monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(monkeypatch, tmp_path_factory):
+    """CLI exports use the compile cache: keep it out of the home directory, shared within the session."""
+    import os
+
+    if "LLMOPT_CACHE_DIR" not in os.environ:
+        monkeypatch.setenv("LLMOPT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "llmopt-cache"))
+
+
 def write_recipe(path: Path, data: dict) -> Path:
     import yaml
 

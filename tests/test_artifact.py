@@ -111,3 +111,16 @@ def test_backend_version_check(tmp_path):
         artifact.check_backend_versions(tmp_path, manifest, {"onnxruntime": "1.20.0"}, "onnx")
     with pytest.raises(ArtifactError, match="not installed"):
         artifact.check_backend_versions(tmp_path, manifest, {"onnxruntime": None}, "onnx")
+
+
+def test_partials_of_dead_exports_are_swept(tmp_path):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])  # its pid is gone once waited for
+    dead.wait()
+    stale = tmp_path / f"art{artifact.PARTIAL_MARKER}{dead.pid}"
+    stale.mkdir()
+    (stale / "half.bin").write_bytes(b"x")
+    _build(tmp_path / "art")
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art"]

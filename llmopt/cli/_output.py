@@ -60,8 +60,13 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
+def one_line(text: str) -> str:
+    """User text echoed in an error (a recipe key, a target name) must not break the line."""
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
 def print_error(message: str, hint: str | None = None) -> None:
-    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.write(f"error: {one_line(message)}\n")
     if hint:
-        sys.stderr.write(f"hint: {hint}\n")
+        sys.stderr.write(f"hint: {one_line(hint)}\n")
     sys.stderr.flush()

@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     _register_commands()
     debug = os.environ.get("LLMOPT_DEBUG", "") not in ("", "0")
     try:
-        app(args=argv, standalone_mode=False, prog_name="llmopt")
+        code = app(args=argv, standalone_mode=False, prog_name="llmopt")
     except LlmoptError as exc:
         if debug:
             raise
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _output.print_error("interrupted")
         return 130
-    return 0
+    return code if isinstance(code, int) else 0  # typer.Exit(code) comes back as the return value
 
 
 def entry() -> None:
