@@ -65,7 +65,7 @@ def untied_b4(untied_llama, tmp_path_factory) -> Path:
     [
         ({"precision.dtype": "bf16"}, "precision.dtype"),
         ({"precision.dtype": "fp16"}, "precision.dtype"),
-        ({"quantization.weight_format": "int4"}, "quantization.weight_format"),
+        ({"quantization.weight_format": "fp8"}, "quantization.weight_format"),
         ({"onnx.provider": "tensorrt"}, "onnx.provider"),
         ({"onnx.opset": 17}, "onnx.opset"),
     ],

@@ -72,12 +72,15 @@ def test_plan_shows_the_rewrite_after_the_fp_export():
     planned = api.plan(onnx_recipe("m", **{"quantization.weight_format": "int4"}))["plan"]
     assert planned["builder"]["precision"] == "fp32"  # the fp graph first ...
     quantize = planned["quantize"]  # ... then MatMulNBits
-    assert quantize["op"] == "com.microsoft.MatMulNBits" and quantize["block_size"] == quantize_onnx.DEFAULT_BLOCK_SIZE
+    assert quantize["op"] == "com.microsoft.MatMulNBits" and quantize["block_size"] == {"int4": 16, "int8": 32}
     assert quantize["algorithm"] == "gptq" and quantize["calibration"]["dataset"] == "default"
     assert quantize["int8_roles"] == list(quantize_onnx.INT8_ROLES)
     assert quantize["accuracy_level"] == 4 and not quantize["symmetric"]
     int8 = api.plan(onnx_recipe("m", **{"quantization.weight_format": "int8"}))["plan"]["quantize"]
     assert int8["algorithm"] == "rtn" and "calibration" not in int8 and "int8_roles" not in int8
+    assert int8["block_size"] == {"int8": 32}
+    grouped = api.plan(onnx_recipe("m", **{"quantization.weight_format": "int4", "quantization.group_size": 64}))
+    assert grouped["plan"]["quantize"]["block_size"] == {"int4": 64, "int8": 32}
 
 
 def test_shipped_recipes_plan():
@@ -165,13 +168,13 @@ def test_int4_from_checkpoint(tiny_int4):
     manifest = artifact.load(tiny_int4)
     assert manifest.quantization["weight_format"] == "int4"
     details = manifest.runtime["quantization"]
-    assert details["algorithm"] == "gptq" and details["block_size"] == 32
+    assert details["algorithm"] == "gptq" and details["block_size"] == {"int4": 16, "int8": 32}
     ops = graph_ops(tiny_int4)
     # 2 layers x (qkv, o, gate, up, down) + lm_head; the tied embedding reads the lm_head's blocks.
     assert ops["MatMulNBits"] == 11 and ops["MatMul"] == 0
     assert ops["GatherBlockQuantized"] == 1 and ops["Transpose"] == 0
-    bits = Counter(attributes["bits"] for attributes in node_attributes(tiny_int4, "MatMulNBits"))
-    assert bits == {4: 6, 8: 5}  # o, gate, up in int4; qkv, down and the lm_head in int8
+    blocks = Counter((a["bits"], a["block_size"]) for a in node_attributes(tiny_int4, "MatMulNBits"))
+    assert blocks == {(4, 16): 6, (8, 32): 5}  # o, gate, up in int4; qkv, down and the lm_head in int8
     assert details["weights"]["int4_parameters"] > 0 and details["weights"]["int8_parameters"] > 0
     assert "top1_agreement" in manifest.validation
     assert api.run(tiny_int4, ["Hello"], max_new_tokens=4)[0].token_ids

@@ -9,7 +9,7 @@ import pytest
 
 from llmopt import api, artifact, recipe
 from llmopt.cli.main import main
-from llmopt.errors import RecipeError, ValidationFailed
+from llmopt.errors import RecipeError
 from llmopt.quantize import openvino as quantize_openvino
 
 pytest.importorskip("openvino", reason="pip install 'llmopt[openvino]'")
@@ -50,6 +50,8 @@ def test_int4_alone_is_hqq_and_nncf_options_switch_to_awq():
     ({"quantization.weight_format": "int4", "quantization.sensitivity_metric": "nope", "quantization.ratio": 0.5},
      "quantization.sensitivity_metric 'nope'"),
     ({"quantization.weight_format": "int4", "shapes.static": True}, "static"),
+    ({"quantization.weight_format": "int4", "precision.dtype": "bf16"}, "precision.dtype 'bf16'"),
+    ({"quantization.weight_format": "int4", "quantization.dataset": "wikitext2"}, "quantization.dataset 'wikitext2'"),
 ])
 def test_impossible_combinations_are_recipe_errors(overrides, field):
     with pytest.raises(RecipeError, match=field.replace("(", r"\(")):
@@ -129,6 +131,14 @@ def test_requantize_data_aware_awq(tiny_fp, tmp_path):
     details = manifest.runtime["quantization"]
     assert details["method"] == "nncf" and details["awq"] and details["scale_estimation"]
     assert details["dataset"] == "chat" and details["group_size"] == 16
+
+
+def test_mixed_precision_by_sensitivity(tiny_fp, tmp_path):
+    overrides = {"quantization.weight_format": "int4", "quantization.ratio": 0.5, "quantization.group_size": 32,
+                 "quantization.algorithm": "rtn", "quantization.sensitivity_metric": "weight_quantization_error",
+                 **NO_THRESHOLDS}
+    weights = api.quantize(tmp_path / "mixed", source=tiny_fp, overrides=overrides).manifest.runtime["quantization"]["weights"]
+    assert weights["u4_tensors"] >= 1 and weights["u8_tensors"] >= 2  # some layers int4, the rest (and the embedding) int8
 
 
 def test_requantizing_a_quantized_artifact_is_refused(tiny_int4, tmp_path):

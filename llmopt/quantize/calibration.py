@@ -127,8 +127,15 @@ def _file_samples(path: Path) -> list[Sample]:
     return [Sample(text=part.strip()) for part in re.split(r"\n\s*\n", text) if part.strip()]
 
 
-def _looks_like_file(name: str) -> bool:
-    return name.endswith((".txt", ".jsonl")) or Path(name).expanduser().is_file()
+def check_name(name: str | None) -> None:
+    """RecipeError for a dataset that is neither shipped nor a .txt/.jsonl path. Pure: no disk."""
+    if name is None or name in SHIPPED or name in ALIASES or name.endswith((".txt", ".jsonl")):
+        return
+    raise RecipeError(
+        f"quantization.dataset '{name}' is neither a shipped set nor a local .txt/.jsonl file; "
+        f"accepted: {', '.join(names())}, or a path",
+        hint="Hub datasets are not downloaded: save the text to a local .txt or .jsonl file and pass its path",
+    )
 
 
 def load(name: str | None) -> list[Sample]:
@@ -140,17 +147,12 @@ def load(name: str | None) -> list[Sample]:
         samples = _pydoc_samples()
     elif name == "default":
         samples = _interleave(_chat_samples(), _pydoc_samples())
-    elif _looks_like_file(name):
+    else:
+        check_name(name)
         path = Path(name).expanduser()
         if not path.is_file():
             raise RecipeError(f"quantization.dataset '{name}': file not found")
         samples = _file_samples(path)
-    else:
-        raise RecipeError(
-            f"quantization.dataset '{name}' is neither a shipped set nor a local .txt/.jsonl file; "
-            f"accepted: {', '.join(names())}, or a path",
-            hint="Hub datasets are not downloaded: save the text to a local file and pass its path",
-        )
     kept = [sample for sample in samples if not overlaps_validation(sample.render())]
     if not kept:
         raise RecipeError(f"quantization.dataset '{name}' has no usable sample (empty, or all overlap the validation text)")

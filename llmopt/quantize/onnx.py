@@ -2,28 +2,32 @@
 
 The onnx exporter writes the fp32 graph (onnxruntime-genai's model builder: fused
 GroupQueryAttention, packed QKV); this module then replaces every MatMul with a constant weight
-by a ``com.microsoft.MatMulNBits`` node (blocks of ``group_size`` input channels, one float scale
-and an integer zero point per block), and the tied embedding's ``Transpose -> Gather`` by a
-``GatherBlockQuantized`` that reads the lm_head's blocks. The graph's inputs, outputs and
+by a ``com.microsoft.MatMulNBits`` node (blocks of input channels, one float scale and an integer
+zero point per block), and the embedding's ``Gather`` (``Gather(Transpose(lm_head))`` when tied)
+by a ``GatherBlockQuantized`` that reads the lm_head's blocks. The graph's inputs, outputs and
 ``genai_config.json`` stay as the exporter wrote them, so the artifact loads in plain
 onnxruntime-genai like the fp one.
 
 Why this and not the model builder's own int4 (``precision int4``), measured on SmolLM2-135M
-(``.notes/onnx_quant_variants.md``): the builder quantizes every MatMul round-to-nearest and
-reaches 0.61-0.70 teacher-forced top-1 agreement with PyTorch, with repetitive answers.
-Three things move it:
+(``.notes/onnx_quant_variants.md``): the builder rounds every MatMul to nearest and reaches
+0.61-0.70 teacher-forced top-1 agreement with PyTorch, with repetitive answers; the default
+here reaches 0.87. What moves it:
 
 * Integer zero points only. onnxruntime's CPU MatMulNBits prepacks its weights for the fast
   kernels only when the zero points are uint8; float zero points (HQQ) fall back to
   de-quantizing the whole weight on every call (contrib_ops/cpu/quantization/matmul_nbits.cc).
-* The lm_head and the embedding it is tied to: 8-bit symmetric blocks, shared. A checkpoint
-  de-quantized from a GGUF Q8_0 tensor comes back exactly (blocks of 32, scale = absmax / 127).
-* int4 where it is cheap in accuracy: the packed QKV and the down projections stay 8-bit by
-  default; ``quantization.ratio`` set explicitly picks the int4 share instead. The int4 blocks
-  are GPTQ (calibrated on ``quantization.dataset``) unless ``algorithm: rtn``.
+  Its only fast 8-bit kernel quantizes the activations to int8 (accuracy_level 4), so every
+  node here uses that level.
+* The lm_head and the embedding tied to it: 8-bit symmetric blocks of 32, shared. A checkpoint
+  de-quantized from a GGUF Q8_0 tensor comes back exactly (scale = absmax / 127).
+* int4 where it is cheap in accuracy: the packed QKV (v_proj alone costs most of the int4 error)
+  and the down projections stay 8-bit by default; ``quantization.ratio`` set explicitly picks
+  the int4 share instead. The int4 blocks (16 input channels) are GPTQ, calibrated on
+  ``quantization.dataset`` through the fp32 graph itself, unless ``algorithm: rtn``.
 
 A checkpoint de-quantized from GGUF Q4_1 (``w = d * q + m`` per block of 32) is not exact with
-integer zero points: ``-m / d`` is not an integer, so every block keeps an offset of up to d/2.
+integer zero points: ``-m / d`` is not an integer, so every block keeps an offset of up to d/2,
+which round-to-nearest cannot remove and GPTQ spreads onto the other columns.
 """
 
 from __future__ import annotations
@@ -48,7 +52,9 @@ DATA_FILE = "model.onnx.data"
 FORMATS = ("int8", "int4")
 ALGORITHMS = ("auto", "rtn", "gptq")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
-DEFAULT_BLOCK_SIZE = 32
+# Default blocks: int4 weights in blocks of 16 (more accurate than 32 at +1.1 bits a weight);
+# 8-bit weights in blocks of 32, GGUF Q8_0's own block (its scales come back exactly).
+DEFAULT_BLOCK_SIZES = {4: 16, 8: 32}
 # Roles of the builder's MatMuls (``/model/layers.<i>/<attn|mlp>/<role>/MatMul``), most sensitive first.
 ROLES = ("qkv_proj", "down_proj", "up_proj", "gate_proj", "o_proj")
 INT8_ROLES = ("qkv_proj", "down_proj")  # kept 8-bit in int4 artifacts unless quantization.ratio is set
@@ -113,15 +119,13 @@ def check(recipe: Recipe) -> None:
         raise RecipeError(f"quantization.group_size {q.group_size} ({what}) cannot be a MatMulNBits block size; "
                           f"accepted: {', '.join(map(str, BLOCK_SIZES))} (dividing the model's layer sizes)")
     if q.weight_format == "int8":
-        given = next((name for name, used in {
-            "ratio": q.ratio != 1.0, "all_layers": q.all_layers, "symmetric": "symmetric" in q.model_fields_set and not q.symmetric,
-        }.items() if used), None)
-        if given == "ratio" or given == "all_layers":
+        given = "ratio" if q.ratio not in (None, 1.0) else "all_layers" if q.all_layers else None
+        if given:
             raise RecipeError(f"quantization.{given} applies to int4 only: every MatMul of an onnx int8 artifact "
                               "is 8-bit", hint=f"set quantization.weight_format: int4, or remove quantization.{given}")
 
 
-def settings(recipe: Recipe, block_size: int | str | None = None) -> dict[str, Any]:
+def settings(recipe: Recipe, block_sizes: dict[int, int] | None = None) -> dict[str, Any]:
     """What the quantization does, as JSON-able data. Pure."""
     q = recipe.quantization
     int4 = q.weight_format == "int4"
@@ -129,7 +133,7 @@ def settings(recipe: Recipe, block_size: int | str | None = None) -> dict[str, A
     result: dict[str, Any] = {
         "op": "com.microsoft.MatMulNBits",
         "weight_format": q.weight_format,
-        "block_size": block_size or q.group_size or DEFAULT_BLOCK_SIZE,
+        "block_size": {f"int{bits}": size for bits, size in (block_sizes or requested_block_sizes(recipe)).items()},
         "symmetric": bool(q.symmetric),
         "zero_points": "none (symmetric: 8 or 128)" if q.symmetric else "uint8 (integer)",
         "accuracy_level": ACCURACY_LEVEL,
@@ -138,12 +142,31 @@ def settings(recipe: Recipe, block_size: int | str | None = None) -> dict[str, A
                                    else "int8 symmetric, shared (GatherBlockQuantized)"),
     }
     if int4:
-        result["int8_roles"] = "chosen by quantization.ratio" if "ratio" in q.model_fields_set else list(INT8_ROLES)
-        result["ratio"] = q.ratio if "ratio" in q.model_fields_set else None
+        result["int8_roles"] = "chosen by quantization.ratio" if ratio_given(recipe) else list(INT8_ROLES)
+        result["ratio"] = q.ratio if ratio_given(recipe) else None
     if algorithm == "gptq":
         result["calibration"] = {"dataset": q.dataset or "default", "samples": q.num_samples,
                                  "tokens_per_sample": f"at most {CALIBRATION_TOKENS}"}
     return result
+
+
+def ratio_given(recipe: Recipe) -> bool:
+    """Whether the recipe sets quantization.ratio itself; unset, int4 keeps INT8_ROLES in 8-bit."""
+    q = recipe.quantization
+    return "ratio" in q.model_fields_set and q.ratio is not None
+
+
+def requested_block_sizes(recipe: Recipe) -> dict[int, int]:
+    """Block size per bit width: quantization.group_size for the artifact's own format, else the defaults.
+
+    The 8-bit blocks of an int4 artifact (its int8 roles, lm_head, embeddings) keep 32. Pure.
+    """
+    q = recipe.quantization
+    main = 4 if q.weight_format == "int4" else 8
+    sizes = dict(DEFAULT_BLOCK_SIZES) if main == 4 else {8: DEFAULT_BLOCK_SIZES[8]}
+    if q.group_size is not None:
+        sizes[main] = q.group_size
+    return sizes
 
 
 def resolved_algorithm(recipe: Recipe) -> str:
@@ -177,9 +200,9 @@ def build(recipe: Recipe, checkpoint: Path, workdir: Path) -> ExportResult:
     from llmopt.exporters.onnx import OnnxExporter
 
     check(recipe)
-    block_size = resolve_block_size(recipe, read_config(checkpoint))
+    block_sizes = resolve_block_sizes(recipe, read_config(checkpoint))
     result = OnnxExporter().export(fp_recipe(recipe), checkpoint, workdir)
-    details = quantize_model(recipe, workdir, workdir, block_size)
+    details = quantize_model(recipe, workdir, workdir, block_sizes)
     return quantized_result(result.io, result.runtime, details)
 
 
@@ -190,29 +213,38 @@ def requantize(source_artifact: Path, source_manifest, recipe: Recipe, workdir: 
     check(recipe)
     check_source(source_manifest, recipe)
     source_artifact = Path(source_artifact)
-    block_size = resolve_block_size(recipe, read_config(source_artifact))
+    block_sizes = resolve_block_sizes(recipe, read_config(source_artifact))
     for path in source_artifact.iterdir():
         if path.is_file() and path.name not in (MANIFEST_NAME, MODEL_FILE, DATA_FILE):
             shutil.copy2(path, workdir / path.name)
-    details = quantize_model(recipe, source_artifact, workdir, block_size)
+    details = quantize_model(recipe, source_artifact, workdir, block_sizes)
     return quantized_result(source_manifest.io, source_manifest.runtime, details)
 
 
-def resolve_block_size(recipe: Recipe, config: dict[str, Any]) -> int:
-    """The recipe's group size, or the default, checked against every layer's input size."""
+def resolve_block_sizes(recipe: Recipe, config: dict[str, Any]) -> dict[int, int]:
+    """The block sizes, checked against every layer's input size: a group_size that does not divide
+    them is an error listing those that do; a default that does not falls back to one that does."""
     sizes = matmul_input_sizes(config)
-    requested = recipe.quantization.group_size or DEFAULT_BLOCK_SIZE
-    if all(value % requested == 0 for value in sizes.values()):
-        return requested
     working = dividing_group_sizes(sizes, BLOCK_SIZES)
     described = ", ".join(f"{name} {value}" for name, value in sizes.items())
-    field = "quantization.group_size" if recipe.quantization.group_size else f"the default block size {requested}"
-    raise RecipeError(
-        f"{field} {requested if recipe.quantization.group_size else ''} does not divide the model's layer sizes "
-        f"({described}); accepted: {', '.join(map(str, working)) or 'none (no power of two from 16 divides them)'}"
-        .replace("  ", " "),
-        hint="set quantization.group_size to one of those" if working else "this model cannot use MatMulNBits",
-    )
+    q = recipe.quantization
+    main = 4 if q.weight_format == "int4" else 8
+    resolved = {}
+    for bits, size in requested_block_sizes(recipe).items():
+        if all(value % size == 0 for value in sizes.values()):
+            resolved[bits] = size
+        elif bits == main and q.group_size is not None:
+            raise RecipeError(
+                f"quantization.group_size {size} does not divide the model's layer sizes ({described}); "
+                f"accepted: {', '.join(map(str, working)) or 'none'}",
+                hint="set quantization.group_size to one of those, or leave it unset",
+            )
+        elif working:
+            resolved[bits] = min(working, key=lambda candidate: abs(candidate - size))
+        else:
+            raise RecipeError(f"no MatMulNBits block size ({', '.join(map(str, BLOCK_SIZES))}) divides the model's "
+                              f"layer sizes ({described})", hint="this model cannot be quantized by the onnx target")
+    return resolved
 
 
 def quantized_result(io: dict[str, Any], fp_runtime: dict[str, Any], details: dict[str, Any]) -> ExportResult:
@@ -240,8 +272,12 @@ class Blocks:
     scale: np.ndarray  # float32 [N, K // block]
     zero: np.ndarray | None  # uint8 [N, K // block]; None: the op's default 2**(bits - 1)
 
+    @property
+    def block_size(self) -> int:
+        return self.q.shape[1] // self.scale.shape[1]
 
-def quantize_model(recipe: Recipe, source_dir: Path, destination_dir: Path, block_size: int) -> dict[str, Any]:
+
+def quantize_model(recipe: Recipe, source_dir: Path, destination_dir: Path, block_sizes: dict[int, int]) -> dict[str, Any]:
     """Rewrite ``source_dir/model.onnx`` into ``destination_dir`` (which may be the same directory)."""
     onnx = require("onnx", extra="onnx")
     started = time.perf_counter()
@@ -260,7 +296,7 @@ def quantize_model(recipe: Recipe, source_dir: Path, destination_dir: Path, bloc
     if calibrated:
         moments = input_moments(model, calibrated, recipe, Path(source_dir))
     events.info(f"quantizing {len(targets)} MatMuls to MatMulNBits ({recipe.quantization.weight_format}, "
-                f"{algorithm}, blocks of {block_size})")
+                f"{algorithm}, blocks of {block_sizes})")
     torch = require("torch", extra="onnx")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # GPTQ's column loop is many small ops: one thread is the fastest here
@@ -269,6 +305,7 @@ def quantize_model(recipe: Recipe, source_dir: Path, destination_dir: Path, bloc
         for target in targets:
             weight = initializer_array(model, target.weight).T  # [N, K]
             target_bits = bits[target.node.name]
+            block_size = block_sizes.get(target_bits) or block_sizes[4]
             if target.role == "lm_head" and target_bits == 8:
                 blocks[target.node.name] = quantize_symmetric(weight, 8, block_size)
             elif target_bits == 4 and moments is not None and target.node.input[0] in moments:
@@ -277,13 +314,13 @@ def quantize_model(recipe: Recipe, source_dir: Path, destination_dir: Path, bloc
                 blocks[target.node.name] = quantize_rtn(weight, target_bits, block_size, symmetric)
     finally:
         torch.set_num_threads(threads)
-    rewrite(model, targets, blocks, block_size)
+    rewrite(model, targets, blocks)
     save(model, Path(destination_dir))
     counts: dict[str, int] = {}
     for target in targets:
         key = f"int{bits[target.node.name]}_parameters"
         counts[key] = counts.get(key, 0) + int(np.prod(blocks[target.node.name].q.shape))
-    return {**settings(recipe, block_size), "weights": counts, "seconds": round(time.perf_counter() - started, 1)}
+    return {**settings(recipe, block_sizes), "weights": counts, "seconds": round(time.perf_counter() - started, 1)}
 
 
 def find_targets(model) -> list[Target]:
@@ -317,7 +354,7 @@ def choose_bits(recipe: Recipe, targets: list[Target]) -> dict[str, int]:
         if t.role == "lm_head" and not q.all_layers:
             bits[t.node.name] = 8
     decoder = [t for t in targets if t.role != "lm_head"]
-    if "ratio" in q.model_fields_set:
+    if ratio_given(recipe):
         sizes = {t.node.name: t.shape[0] * t.shape[1] for t in decoder}
         total = sum(sizes.values())
         int4_share = 1.0
@@ -345,7 +382,7 @@ def initializer_array(model, name: str) -> np.ndarray:
     raise KeyError(name)
 
 
-def rewrite(model, targets: list[Target], blocks: dict[str, Blocks], block_size: int) -> None:
+def rewrite(model, targets: list[Target], blocks: dict[str, Blocks]) -> None:
     """MatMul -> MatMulNBits; the tied embedding's Transpose -> Gather -> GatherBlockQuantized on the lm_head blocks."""
     onnx = require("onnx", extra="onnx")
     helper, numpy_helper = onnx.helper, onnx.numpy_helper
@@ -361,6 +398,7 @@ def rewrite(model, targets: list[Target], blocks: dict[str, Blocks], block_size:
             continue
         quantized = blocks[node.name]
         n_out, k_in = quantized.q.shape
+        block_size = quantized.block_size
         names = [f"{target.weight}_Q{quantized.bits}G{block_size}", f"{target.weight}_scale"]
         data = pack(quantized.q, quantized.bits).reshape(n_out, k_in // block_size, block_size * quantized.bits // 8)
         new_initializers += [numpy_helper.from_array(data, names[0]),
@@ -375,7 +413,7 @@ def rewrite(model, targets: list[Target], blocks: dict[str, Blocks], block_size:
         ))
         if target.role == "lm_head":
             lm_head_inputs[target.weight] = names
-    nodes = share_embedding(nodes, lm_head_inputs, blocks, targets, block_size, new_initializers, model)
+    nodes = share_embedding(model, nodes, lm_head_inputs, blocks, targets, new_initializers)
     used = {name for node in nodes for name in node.input} | {value.name for value in graph.output}
     kept = [init for init in graph.initializer if init.name in used]  # the float weights are read no more
     graph.ClearField("initializer")
@@ -390,7 +428,7 @@ def accuracy_level(bits: int) -> int:
     return ACCURACY_LEVEL
 
 
-def share_embedding(nodes, lm_head_inputs, blocks, targets, block_size, new_initializers, model=None):
+def share_embedding(model, nodes, lm_head_inputs, blocks, targets, new_initializers):
     """The embedding Gather reads quantized blocks: the lm_head's when tied (the builder's
     ``Gather(Transpose(lm_head weight))``), else its own table's, quantized like the lm_head."""
     onnx = require("onnx", extra="onnx")
@@ -398,7 +436,7 @@ def share_embedding(nodes, lm_head_inputs, blocks, targets, block_size, new_init
     transposes = {node.output[0]: node for node in nodes
                   if node.op_type == "Transpose" and node.input[0] in lm_head_inputs}
     lm_head = next((t for t in targets if t.role == "lm_head"), None)
-    tables = {init.name: init for init in (model.graph.initializer if model is not None else [])
+    tables = {init.name: init for init in model.graph.initializer
               if len(init.dims) == 2 and init.data_type == onnx.TensorProto.FLOAT}
     result = []
     for node in nodes:
@@ -412,7 +450,8 @@ def share_embedding(nodes, lm_head_inputs, blocks, targets, block_size, new_init
             quantized = blocks[lm_head.node.name]
         else:  # an untied table [vocabulary, hidden]: the lm_head's bits, or 8
             table = numpy_helper.to_array(tables[node.input[0]]).astype(np.float64)
-            bits = blocks[lm_head.node.name].bits if lm_head is not None else 8
+            like = blocks[lm_head.node.name] if lm_head is not None else None
+            bits, block_size = (like.bits, like.block_size) if like is not None else (8, DEFAULT_BLOCK_SIZES[8])
             if table.shape[1] % block_size:
                 result.append(node)
                 continue
@@ -425,6 +464,7 @@ def share_embedding(nodes, lm_head_inputs, blocks, targets, block_size, new_init
                 names.append(f"{node.input[0]}_zero_point")
                 new_initializers.append(numpy_helper.from_array(pack(quantized.zero, bits), names[2]))
         vocabulary, hidden = quantized.q.shape
+        block_size = quantized.block_size
         shape_name, flat = f"{names[0]}_rows", f"{node.name}/rows"
         if not any(init.name == shape_name for init in new_initializers):
             new_initializers.append(numpy_helper.from_array(

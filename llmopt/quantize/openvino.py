@@ -97,6 +97,7 @@ def check(recipe: Recipe) -> None:
     if q.sensitivity_metric is not None and q.sensitivity_metric not in SENSITIVITY_METRICS:
         raise RecipeError(f"quantization.sensitivity_metric '{q.sensitivity_metric}' is not an NNCF metric; "
                           f"accepted: {', '.join(SENSITIVITY_METRICS)}")
+    calibration.check_name(q.dataset)
     if q.weight_format == "int8":
         _check_int8(recipe)
     elif method_of(recipe) == "hqq":
@@ -115,6 +116,7 @@ def _check_int8(recipe: Recipe) -> None:
         "group_size": q.group_size not in (None, -1), "ratio": q.ratio != 1.0, "awq": q.awq,
         "scale_estimation": q.scale_estimation, "algorithm": q.algorithm not in ("auto", "rtn"),
         "sensitivity_metric": q.sensitivity_metric is not None, "all_layers": q.all_layers,
+        "dataset": q.dataset is not None,
     })
     if given:
         raise RecipeError(f"quantization.{given} applies to int4 only: openvino int8 is per-channel round-to-nearest",
@@ -123,6 +125,9 @@ def _check_int8(recipe: Recipe) -> None:
 
 def _check_hqq(recipe: Recipe) -> None:
     q = recipe.quantization
+    if recipe.precision.dtype == "bf16":
+        raise RecipeError("quantization algorithm 'hqq' reads fp32 or fp16 weights; precision.dtype 'bf16' is not "
+                          "supported with it; accepted: fp32, fp16", hint="or set quantization.algorithm: awq (NNCF)")
     given = _first_given({
         "symmetric": bool(q.symmetric), "ratio": q.ratio != 1.0, "awq": q.awq, "scale_estimation": q.scale_estimation,
         "dataset": q.dataset is not None, "sensitivity_metric": q.sensitivity_metric is not None,
