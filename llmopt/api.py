@@ -122,6 +122,7 @@ def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bo
     """
     started = time.perf_counter()
     output = Path(output)
+    recipe = quantization.with_default_thresholds(recipe)  # per-format thresholds the user did not set
     exporter = make_exporter(recipe)
     artifact.check_output_free(output, force)
     exporter.preflight(recipe)
@@ -210,7 +211,6 @@ def quantize(output: str | Path, recipe: Recipe | None = None, source: str | Pat
     section set, validated against PyTorch. Validation thresholds the recipe leaves unset get the
     weight format's defaults (``llmopt.quantize.DEFAULT_THRESHOLDS``).
     """
-    from llmopt import quantize as quantization
 
     if source is not None and (Path(source) / artifact.MANIFEST_NAME).is_file():
         return _quantize_artifact(Path(source), Path(output), overrides or {}, force, validate)
@@ -224,7 +224,6 @@ def quantize(output: str | Path, recipe: Recipe | None = None, source: str | Pat
 
 def quantize_recipe(source: Path, overrides: dict[str, Any]) -> tuple[Recipe, Manifest]:
     """The recipe stored in the fp artifact ``source`` with ``overrides`` applied, and its manifest."""
-    from llmopt import quantize as quantization
     from llmopt import recipe as recipe_module
 
     fixed = sorted(key for key, value in overrides.items() if value is not None and key.split(".")[0] in _ARTIFACT_FIXED)
@@ -246,7 +245,6 @@ def quantize_recipe(source: Path, overrides: dict[str, Any]) -> tuple[Recipe, Ma
 
 
 def _quantize_artifact(source: Path, output: Path, overrides: dict[str, Any], force: bool, validate: bool) -> ExportReport:
-    from llmopt import quantize as quantization
 
     started = time.perf_counter()
     recipe, source_manifest = quantize_recipe(source, overrides)

@@ -57,7 +57,7 @@ OPTIMUM_DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": None}
 class OpenVINOExporter(Exporter):
     target = "openvino"
     extra = "openvino"
-    backend_distributions = ("openvino", "openvino-tokenizers", "openvino-genai", "optimum-intel")
+    backend_distributions = ("openvino", "openvino-tokenizers", "openvino-genai", "optimum-intel", "nncf")
 
     def check(self, recipe: Recipe) -> None:
         if recipe.shapes.static:

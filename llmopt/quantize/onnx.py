@@ -33,6 +33,7 @@ which round-to-nearest cannot remove and GPTQ spreads onto the other columns.
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +60,13 @@ DEFAULT_BLOCK_SIZES = {4: 16, 8: 32}
 ROLES = ("qkv_proj", "down_proj", "up_proj", "gate_proj", "o_proj")
 INT8_ROLES = ("qkv_proj", "down_proj")  # kept 8-bit in int4 artifacts unless quantization.ratio is set
 LM_HEAD = "/lm_head/MatMul"
-# 4: int8 activations (in blocks) and the int8 dot-product kernels; 1 would keep fp32 activations.
+# 4: int8 activations (per block) and the int8 dot-product kernels, the only fast 8-bit kernel on CPU.
+# 1 (fp32 activations) has a fast 4-bit kernel but no 8-bit one, and did not help the int4 nodes.
 ACCURACY_LEVEL = 4
 CALIBRATION_TOKENS = 256
 GPTQ_DAMPING = 0.01
 GPTQ_COLUMNS = 128  # columns updated together (GPTQ's lazy batch)
+PROTOBUF_LIMIT = 2**31 - 2**26  # a serialized ModelProto must stay under 2 GiB
 EXTERNAL_DATA_THRESHOLD = 1024  # smaller tensors (shapes) stay inside model.onnx for shape inference
 
 
@@ -409,7 +412,7 @@ def rewrite(model, targets: list[Target], blocks: dict[str, Blocks]) -> None:
         nodes.append(helper.make_node(
             "MatMulNBits", [node.input[0], *names], list(node.output), name=f"{node.name}_Q{quantized.bits}",
             domain="com.microsoft", K=k_in, N=n_out, bits=quantized.bits, block_size=block_size,
-            accuracy_level=accuracy_level(quantized.bits),
+            accuracy_level=ACCURACY_LEVEL,
         ))
         if target.role == "lm_head":
             lm_head_inputs[target.weight] = names
@@ -422,10 +425,6 @@ def rewrite(model, targets: list[Target], blocks: dict[str, Blocks]) -> None:
     graph.node.extend(nodes)
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-
-
-def accuracy_level(bits: int) -> int:
-    return ACCURACY_LEVEL
 
 
 def share_embedding(model, nodes, lm_head_inputs, blocks, targets, new_initializers):
@@ -609,7 +608,12 @@ def input_moments(model, targets: list[Target], recipe: Recipe, source_dir: Path
     graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in wanted if name not in existing)
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="llmopt-calibrate-") as scratch:
+        if probe.ByteSize() < PROTOBUF_LIMIT:
+            session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        else:  # past protobuf's 2 GiB: the weights go to a side file
+            onnx.save(probe, f"{scratch}/{MODEL_FILE}", save_as_external_data=True, location=DATA_FILE)
+            session = ort.InferenceSession(f"{scratch}/{MODEL_FILE}", options, providers=["CPUExecutionProvider"])
     del probe
     torch = require("torch", extra="onnx")
     moments = {name: torch.zeros((0,)) for name in wanted}
