@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from llmopt import artifact, cache, events, generation, sources, validation
+from llmopt import quantize as quantization
 from llmopt._deps import version_of
 from llmopt.artifact import Manifest
 from llmopt.errors import LlmoptError, UsageError, ValidationFailed
