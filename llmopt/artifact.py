@@ -123,7 +123,8 @@ def _swap_into_place(staged: Path, output: Path) -> None:
     shutil.rmtree(retired, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -137,7 +138,7 @@ def sweep_stale_partials(output: Path) -> None:
     """Remove ``OUT.partial-<pid>`` directories left by exports that were killed (their pid is gone)."""
     for candidate in output.parent.glob(f"{output.name}{PARTIAL_MARKER}*"):
         pid = candidate.name.rsplit(PARTIAL_MARKER, 1)[-1]
-        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(candidate, ignore_errors=True)
 
 

@@ -175,7 +175,7 @@ class ArtifactCache:
         self.root.mkdir(parents=True, exist_ok=True)
         for path in self.root.glob(f"{_TMP_PREFIX}*@{socket.gethostname()}"):
             pid = path.name[len(_TMP_PREFIX):].split("-", 1)[0]
-            if pid.isdigit() and not _pid_alive(int(pid)):
+            if pid.isdigit() and not artifact.pid_alive(int(pid)):
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
                 else:
@@ -187,11 +187,3 @@ def _tmp_path(directory: Path) -> Path:
     return directory / f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}@{socket.gethostname()}"
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
