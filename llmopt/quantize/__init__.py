@@ -87,6 +87,11 @@ def matmul_input_sizes(config: dict[str, Any]) -> dict[str, int]:
     return sizes
 
 
+def fp_recipe(recipe: Recipe) -> Recipe:
+    """The same recipe without quantization: what the target's exporter builds before quantizing."""
+    return recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"weight_format": "none"})})
+
+
 def read_config(directory: Path) -> dict[str, Any]:
     path = Path(directory) / "config.json"
     if not path.is_file():

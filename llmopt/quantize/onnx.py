@@ -45,7 +45,7 @@ from llmopt import events
 from llmopt._deps import require
 from llmopt.errors import RecipeError
 from llmopt.exporters.base import ExportResult
-from llmopt.quantize import calibration, check_source, dividing_group_sizes, matmul_input_sizes, read_config
+from llmopt.quantize import calibration, check_source, dividing_group_sizes, matmul_input_sizes, fp_recipe, read_config
 from llmopt.recipe import Recipe
 
 MODEL_FILE = "model.onnx"
@@ -188,11 +188,6 @@ def plan(recipe: Recipe) -> dict[str, Any]:
     fp_plan = OnnxExporter().plan(fp_recipe(recipe))
     steps = {key: value for key, value in fp_plan.items() if key != "runtime"}
     return {**steps, "quantize": {"call": "llmopt.quantize.onnx", **settings(recipe)}, "runtime": fp_plan["runtime"]}
-
-
-def fp_recipe(recipe: Recipe) -> Recipe:
-    """The same recipe without quantization: what the exporter builds before the rewrite."""
-    return recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"weight_format": "none"})})
 
 
 # -- building ---------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ from llmopt import events
 from llmopt._deps import require
 from llmopt.errors import RecipeError
 from llmopt.exporters.base import ExportResult
-from llmopt.quantize import calibration, check_source, choose_group_size, matmul_input_sizes, read_config
+from llmopt.quantize import calibration, check_source, choose_group_size, matmul_input_sizes, fp_recipe, read_config
 from llmopt.recipe import Recipe
 
 MODEL_FILE = "openvino_model.xml"
@@ -236,11 +236,6 @@ def plan(recipe: Recipe) -> dict[str, Any]:
     runtime["ov_config"] = runtime_ov_config(recipe, runtime.get("ov_config") or {})
     steps = {key: value for key, value in fp_plan.items() if key != "runtime"}
     return {**steps, "compress": compression, "runtime": runtime}
-
-
-def fp_recipe(recipe: Recipe) -> Recipe:
-    """The same recipe without quantization: what the exporter traces before compression."""
-    return recipe.model_copy(update={"quantization": recipe.quantization.model_copy(update={"weight_format": "none"})})
 
 
 # -- building ---------------------------------------------------------------------------------

@@ -51,6 +51,14 @@ class BatchOutput:
     extra: dict = field(default_factory=dict)
 
 
+def cut_at_eos(tokens: list[int], eos_token_ids: set[int], max_new_tokens: int) -> SequenceOutput:
+    """A row of generated ids up to and including its first end token, or ``max_new_tokens`` of them."""
+    for index, token in enumerate(tokens):
+        if token in eos_token_ids:
+            return SequenceOutput(tokens[: index + 1], "stop")
+    return SequenceOutput(tokens[:max_new_tokens], "length")
+
+
 def read_eos_ids(path: Path) -> set[int]:
     """End-of-sequence ids from generation_config.json (int or list), falling back to config.json."""
     for name in ("generation_config.json", "config.json"):

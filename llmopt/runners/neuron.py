@@ -17,7 +17,7 @@ import numpy as np
 from llmopt._deps import install_hint
 from llmopt.errors import LlmoptError, MissingDependencyError
 from llmopt.hardware import neuron_device_present
-from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, SequenceOutput, TokenCallback
+from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, TokenCallback, cut_at_eos
 
 
 def _stopping_criterion(torch, on_token: TokenCallback | None, prompt_width: int, clock: dict):
@@ -101,16 +101,10 @@ class NeuronRunner(Runner):
         first = clock.get("first") or finished
         new_tokens = output[:, input_ids.shape[1]:].tolist()
         return BatchOutput(
-            sequences=[self._cut(row, sampling.max_new_tokens) for row in new_tokens],
+            sequences=[cut_at_eos(row, self.eos_token_ids, sampling.max_new_tokens) for row in new_tokens],
             ttft_s=first - started,
             decode_s=finished - first,
         )
-
-    def _cut(self, tokens: list[int], max_new_tokens: int) -> SequenceOutput:
-        for index, token in enumerate(tokens):
-            if token in self.eos_token_ids:
-                return SequenceOutput(tokens[: index + 1], "stop")
-        return SequenceOutput(tokens[:max_new_tokens], "length")
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         raise LlmoptError(

@@ -14,7 +14,7 @@ import numpy as np
 
 from llmopt._deps import require
 from llmopt.errors import UsageError
-from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, SequenceOutput, TokenCallback
+from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, TokenCallback, cut_at_eos
 
 MODES = ("eager", "static", "compile")
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -114,16 +114,10 @@ class PyTorchRunner(Runner):
         first = streamer.first_token_at or finished
         new_tokens = output[:, input_ids.shape[1]:].tolist()
         return BatchOutput(
-            sequences=[self._cut(row, sampling.max_new_tokens) for row in new_tokens],
+            sequences=[cut_at_eos(row, self.eos_token_ids, sampling.max_new_tokens) for row in new_tokens],
             ttft_s=first - streamer.started,
             decode_s=finished - first,
         )
-
-    def _cut(self, tokens: list[int], max_new_tokens: int) -> SequenceOutput:
-        for index, token in enumerate(tokens):
-            if token in self.eos_token_ids:
-                return SequenceOutput(tokens[: index + 1], "stop")
-        return SequenceOutput(tokens[:max_new_tokens], "length")
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         torch = self.torch
