@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ from llmopt import api, artifact, generation
 from llmopt.errors import RecipeError
 from llmopt.recipe import resolve
 from llmopt.runners.base import SamplingConfig
+from tests.conftest import build_untied_llama
 
 SEQUENCE_LENGTH = 64
 BACKEND_LIBRARIES = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "onnx")}
@@ -44,24 +44,7 @@ def static_recipe(model: Path | str, backend: str, batch_size: int = 1, sequence
 
 @pytest.fixture(scope="module")
 def context_llama(tiny_llama, tmp_path_factory) -> Path:
-    """tiny_llama's tokenizer on a random Llama with an untied head and a wider init."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    directory = tmp_path_factory.mktemp("context-llama")
-    for file in tiny_llama.iterdir():
-        if file.name not in ("config.json", "model.safetensors"):
-            shutil.copy2(file, directory / file.name)
-    base = json.loads((tiny_llama / "config.json").read_text())
-    torch.manual_seed(2)
-    config = LlamaConfig(
-        vocab_size=base["vocab_size"], hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
-        bos_token_id=base["bos_token_id"], eos_token_id=base["eos_token_id"], pad_token_id=base["pad_token_id"],
-        tie_word_embeddings=False,
-    )
-    LlamaForCausalLM(config).eval().save_pretrained(directory)
-    return directory
+    return build_untied_llama(tiny_llama, tmp_path_factory.mktemp("context-llama"), seed=2)
 
 
 @pytest.fixture(scope="module")
