@@ -20,7 +20,7 @@ from llmopt.errors import LlmoptError, UsageError, ValidationFailed
 from llmopt.exporters.base import Exporter, copy_tokenizer_files
 from llmopt.recipe import Recipe
 from llmopt.registry import exporter_class, runner_class
-from llmopt.runners.base import Runner, SamplingConfig
+from llmopt.runners.base import Runner, SamplingConfig, Speculation
 
 
 @dataclass
@@ -177,11 +177,16 @@ def sampling_from(manifest: Manifest | None, **overrides: Any) -> SamplingConfig
     return SamplingConfig(**{key: value for key, value in defaults.items() if key in known})
 
 
-def run(path: str | Path, prompts: list[str], chat: bool = True, on_text=None, **sampling_overrides: Any):
-    """Load an artifact and generate for each prompt; returns a list of GenerationResult."""
+def run(path: str | Path, prompts: list[str], chat: bool = True, on_text=None, speculation: Speculation | None = None,
+        **sampling_overrides: Any):
+    """Load an artifact and generate for each prompt; returns a list of GenerationResult.
+
+    ``speculation``: prompt-lookup or draft-model decoding, where the artifact's runner supports it."""
     with events.step("load", f"loading {path}"):
         runner = open_runner(path)
     try:
+        if speculation is not None:
+            runner.set_speculation(speculation)
         sampling = sampling_from(runner.manifest, **sampling_overrides)
         return generation.generate(runner, prompts, sampling, chat=chat, on_text=on_text)
     finally:

@@ -17,6 +17,7 @@ from llmopt.cli.main import main
 from llmopt.errors import UsageError
 
 from tests._hardening import exported_onnx, pytorch_artifact, require_exporter
+from tests.conftest import build_untied_llama
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -35,11 +36,17 @@ def tokenizer(tiny_llama):
 
 
 @pytest.fixture(scope="module")
-def result(tiny_llama, fake_artifact):
+def draft(tiny_llama, tmp_path_factory) -> Path:
+    """Another random Llama with the same tokenizer: a draft for assisted-generation rows."""
+    return build_untied_llama(tiny_llama, tmp_path_factory.mktemp("draft"), seed=2)
+
+
+@pytest.fixture(scope="module")
+def result(tiny_llama, fake_artifact, draft):
     """One real run: the artifact and the eager baseline, each in its own worker process."""
     config = BenchConfig(artifacts=[str(fake_artifact)], baselines=["eager"], baseline_model=str(tiny_llama),
                          input_ratios=[0.25, 0.5], new_tokens=6, batch_sizes=[1, 2], repetitions=2, warmup=1,
-                         threads=1, prompt_lookup=2)
+                         threads=1, prompt_lookup=2, drafts=[str(draft)], draft_tokens=3)
     return suite.run(config)
 
 
@@ -172,14 +179,28 @@ def test_ratios_against_the_eager_baseline(result, fake_artifact):
     assert eager["vs"] is None
 
 
-def test_prompt_lookup_rows(result):
+def test_speculative_rows(result, draft):
     grounded = [row for row in ok_rows(result) if row["prompt"] == "grounded"]
-    assert {(row["subject"].startswith("pytorch"), row["decoding"]) for row in grounded} >= {
-        (True, "greedy"), (True, "prompt-lookup:2")}
-    lookup = next(row for row in grounded if row["decoding"] == "prompt-lookup:2" and row["subject"] == "pytorch:eager")
-    assert lookup["vs"] == "pytorch:eager" and lookup["decode_speedup"] > 0
-    assert lookup["samples"]["new_tokens"] == [lookup["new_tokens"]] * 2  # cut to exactly the requested count
+    assert {(row["subject"], row["decoding"]) for row in grounded if row["subject"] == "pytorch:eager"} == {
+        ("pytorch:eager", "greedy"), ("pytorch:eager", "prompt-lookup:2"), ("pytorch:eager", f"draft:{draft.name}:3")}
+    for decoding in ("prompt-lookup:2", f"draft:{draft.name}:3"):
+        row = next(row for row in grounded if row["decoding"] == decoding and row["subject"] == "pytorch:eager")
+        assert row["vs"] == "pytorch:eager" and row["decode_speedup"] > 0  # against its own greedy row
+        assert row["samples"]["new_tokens"] == [row["new_tokens"]] * 2  # cut to exactly the requested count
     assert len({row["input_length"] for row in grounded}) == 1
+
+
+def test_a_draft_goes_to_the_subjects_that_can_use_it(tiny_llama, fake_artifact, draft, tmp_path):
+    """A checkpoint drafts for the PyTorch baseline; an artifact only for artifacts of its own target."""
+    config = BenchConfig(artifacts=[str(fake_artifact)], baselines=["eager"], baseline_model=str(tiny_llama),
+                         drafts=[str(draft), str(fake_artifact)])
+    subjects, _, _ = suite.plan_subjects(config)
+    drafts = {subject.name: sorted(case.decoding for case in subject.cases if case.decoding.startswith("draft"))
+              for subject in subjects}
+    assert drafts["pytorch:eager"] == [f"draft:{draft.name}:5"]
+    assert drafts[str(fake_artifact)] == []  # itself is no draft, and a checkpoint drafts only for PyTorch
+    with pytest.raises(UsageError, match="--draft"):
+        suite.plan_subjects(BenchConfig(artifacts=[str(fake_artifact)], drafts=[str(tmp_path / "missing")]))
 
 
 def test_formats_hold_the_same_rows(result, tmp_path):

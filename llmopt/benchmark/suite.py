@@ -32,8 +32,10 @@ from llmopt.benchmark.machine import default_threads, machine_info
 from llmopt.benchmark.stats import HIGH_VARIANCE, speedups, summarize
 from llmopt.benchmark.worker import PROGRESS_PREFIX
 from llmopt.errors import UsageError
+from llmopt.runners.base import Speculation
 
 PYTORCH_MODES = ("eager", "static", "compile")
+PYTORCH_SPECULATION = ("prompt-lookup", "draft")  # runners.pytorch.PyTorchRunner.speculation_methods, without importing torch
 DEFAULT_SEQUENCE_LENGTH = 512  # a baseline-only run with no --sequence-length
 GROUNDED_NEW_TOKENS = 128
 MIB = 1024 * 1024
@@ -54,7 +56,9 @@ class BenchConfig:
     warmup: int = 1
     seed: int = 0
     threads: int | None = None
-    prompt_lookup: int = 0
+    prompt_lookup: int = 0  # candidate tokens for prompt-lookup rows (0: none)
+    drafts: list[str] = field(default_factory=list)  # draft models for assisted-generation rows
+    draft_tokens: int = 5  # candidate tokens per step with a draft
     verify: bool = True
     extra_subjects: list["Subject"] = field(default_factory=list)  # pinned subjects built by scripts
 
@@ -65,14 +69,14 @@ class Case:
     input_length: int
     new_tokens: int
     prompt: str = "synthetic"  # or "grounded"
-    prompt_lookup: int = 0
+    speculation: Speculation | None = None
 
     @property
     def decoding(self) -> str:
-        return f"prompt-lookup:{self.prompt_lookup}" if self.prompt_lookup else "greedy"
+        return self.speculation.label if self.speculation else "greedy"
 
     def key(self) -> tuple:
-        return (self.batch_size, self.input_length, self.new_tokens, self.prompt, self.prompt_lookup)
+        return (self.batch_size, self.input_length, self.new_tokens, self.prompt, self.decoding)
 
 
 @dataclass
@@ -88,7 +92,7 @@ class Subject:
     precision: str | None = None
     weights: str | None = None
     checkpoint: str | None = None
-    supports_prompt_lookup: bool = False
+    speculation_methods: tuple[str, ...] = ()  # what its runner supports (runners.base.Speculation)
     factory: str | None = None  # kind "peer": "module:function" returning a runner (path, batch, length, threads=)
     pythonpath: str | None = None  # where the worker finds the factory's module
     tokenizer: str | None = None  # directory of the tokenizer, when ``path`` holds none
@@ -165,7 +169,7 @@ def plan_subjects(config: BenchConfig) -> tuple[list[Subject], list[str], int]:
             sequence_length=manifest.sequence_length, batch_size=manifest.batch_size,
             precision=manifest.precision, weights=(manifest.quantization or {}).get("weight_format", "none"),
             checkpoint=_checkpoint_of(manifest, config),
-            supports_prompt_lookup=hasattr(runner, "prompt_lookup_num_tokens"),
+            speculation_methods=runner.speculation_methods,
         )
         if config.baselines and subject.checkpoint is None:
             notes.append(f"{path}: no baseline comparison: its source checkpoint "
@@ -182,9 +186,10 @@ def plan_subjects(config: BenchConfig) -> tuple[list[Subject], list[str], int]:
                 continue
             subject.cases += [Case(batch_size, length, new) for length, new in pairs]
 
-    if config.baselines or config.prompt_lookup:
+    speculative = bool(config.prompt_lookup or config.drafts)
+    if config.baselines or speculative:
         subjects += _baseline_subjects(config, subjects, notes)
-    grounded_budget = _add_grounded_cases(config, subjects, notes) if config.prompt_lookup else 0
+    grounded_budget = _add_grounded_cases(config, subjects, notes) if speculative else 0
     return subjects, notes, grounded_budget
 
 
@@ -198,8 +203,8 @@ def _baseline_subjects(config: BenchConfig, artifacts: list[Subject], notes: lis
             raise UsageError("nothing to benchmark: give artifact directories, or --baseline pytorch with --baseline-model")
         groups[config.baseline_model] = []
     modes = list(config.baselines)
-    if config.prompt_lookup and "eager" not in modes:
-        modes.append("eager")  # prompt lookup is measured on the eager baseline (dynamic cache)
+    if (config.prompt_lookup or config.drafts) and "eager" not in modes:
+        modes.append("eager")  # speculative decoding is measured on the eager baseline (dynamic cache)
     baselines = []
     for checkpoint, members in groups.items():
         pairs: dict[tuple[int, int], None] = {}
@@ -219,7 +224,8 @@ def _baseline_subjects(config: BenchConfig, artifacts: list[Subject], notes: lis
             subject = Subject(
                 name=f"pytorch:{mode}{suffix}", kind="pytorch", path=str(Path(checkpoint).resolve()), target="pytorch",
                 sequence_length=sequence_length, mode=mode, dtype=config.baseline_dtype, precision=config.baseline_dtype,
-                weights="none", checkpoint=checkpoint, supports_prompt_lookup=(mode == "eager"),
+                weights="none", checkpoint=checkpoint,
+                speculation_methods=PYTORCH_SPECULATION if mode == "eager" else (),
             )
             if mode in config.baselines:
                 subject.cases = [Case(bs, length, new) for bs in batch_sizes for length, new in sorted(pairs)]
@@ -227,24 +233,49 @@ def _baseline_subjects(config: BenchConfig, artifacts: list[Subject], notes: lis
     return baselines
 
 
+def _drafts_for(subject: Subject, drafts: list[str]) -> list[str]:
+    """The drafts a subject can use: checkpoints for the PyTorch baseline, artifacts of its own target otherwise."""
+    usable = []
+    for draft in drafts:
+        path = Path(draft)
+        if (path / artifact.MANIFEST_NAME).is_file():
+            fits = subject.kind == "artifact" and artifact.read_manifest(path).target == subject.target
+        else:
+            fits = subject.kind == "pytorch" and (path / "config.json").is_file()
+        if fits and path.resolve() != Path(subject.path).resolve():
+            usable.append(str(path.resolve()))
+    return usable
+
+
 def _add_grounded_cases(config: BenchConfig, subjects: list[Subject], notes: list[str]) -> int:
-    """Batch-1 summarization prompt: greedy and prompt-lookup rows on every subject that can do it.
-    Returns the prompt's token budget (its length is known once it is tokenized)."""
-    able = [s for s in subjects if s.supports_prompt_lookup and s.batch_size in (None, 1)]
+    """Batch-1 summarization prompt: a greedy row, then a prompt-lookup row and one row per usable draft,
+    on every subject whose runner can do them. Returns the prompt's token budget (its length is known
+    once it is tokenized)."""
+    for draft in config.drafts:
+        if not Path(draft).is_dir():
+            raise UsageError(f"--draft '{draft}' is not a directory; give an artifact or a checkpoint directory")
+    planned: list[tuple[Subject, list[Speculation]]] = []
     for subject in subjects:
-        if subject.kind == "pytorch" and not subject.supports_prompt_lookup:
-            continue  # measured on pytorch:eager; transformers has no static-cache prompt lookup
-        if not subject.supports_prompt_lookup:
-            notes.append(f"{subject.name}: no prompt-lookup rows (the {subject.target} runner does not support it)")
+        if subject.kind == "pytorch" and not subject.speculation_methods:
+            continue  # measured on pytorch:eager; transformers speculates with a dynamic cache only
+        wanted = []
+        if config.prompt_lookup and "prompt-lookup" in subject.speculation_methods:
+            wanted.append(Speculation("prompt-lookup", config.prompt_lookup))
+        if "draft" in subject.speculation_methods:
+            wanted += [Speculation("draft", config.draft_tokens, draft) for draft in _drafts_for(subject, config.drafts)]
+        if not subject.speculation_methods:
+            notes.append(f"{subject.name}: no speculative rows (the {subject.target} runner does not support it)")
         elif subject.batch_size not in (None, 1):
-            notes.append(f"{subject.name}: no prompt-lookup rows (pinned to batch size {subject.batch_size}, needs 1)")
-    if not able:
+            notes.append(f"{subject.name}: no speculative rows (pinned to batch size {subject.batch_size}, needs 1)")
+        elif wanted:
+            planned.append((subject, wanted))
+    if not planned:
         return 0
-    pinned = [s.sequence_length for s in able if s.kind == "artifact"]
+    pinned = [s.sequence_length for s, _ in planned if s.kind == "artifact"]
     budget = min(pinned) if pinned else (config.sequence_length or DEFAULT_SEQUENCE_LENGTH)
     new = min(config.new_tokens or GROUNDED_NEW_TOKENS, budget // 2)
-    for subject in able:
-        subject.cases += [Case(1, -1, new, "grounded", 0), Case(1, -1, new, "grounded", config.prompt_lookup)]
+    for subject, wanted in planned:
+        subject.cases += [Case(1, -1, new, "grounded")] + [Case(1, -1, new, "grounded", spec) for spec in wanted]
         subject.sequence_length = max(subject.sequence_length, budget)
     return budget - new
 
@@ -389,7 +420,7 @@ def _size_of(subject: Subject) -> int | None:
 
 def add_comparisons(rows: list[dict], subjects: list[Subject]) -> None:
     """Each row's speedups against its reference: the eager baseline of its checkpoint (same case), or,
-    for a prompt-lookup row, the same subject's greedy row on the same prompt."""
+    for a speculative row, the same subject's greedy row on the same prompt."""
     by_name = {subject.name: subject for subject in subjects}
     eager_of = {s.checkpoint: s.name for s in subjects if s.kind == "pytorch" and s.mode == "eager"}
     index = {(row["subject"], row["batch_size"], row["input_length"], row["new_tokens"], row["prompt"], row["decoding"]): row

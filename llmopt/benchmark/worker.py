@@ -60,10 +60,17 @@ def open_subject(subject: dict, threads: int):
     return runner, (f"runner option threads={threads}" if options else "runtime default (all physical cores)")
 
 
-def set_prompt_lookup(runner, tokens: int) -> None:
-    if not hasattr(runner, "prompt_lookup_num_tokens"):
-        raise RuntimeError(f"{type(runner).__name__} does not support prompt-lookup decoding")
-    runner.prompt_lookup_num_tokens = tokens
+def set_speculation(runner, speculation: dict | None) -> None:
+    """Plain or speculative decoding for the next case (``speculation``: a runners.base.Speculation as a dict)."""
+    from llmopt.runners.base import Speculation
+
+    if speculation is None:
+        if getattr(runner, "speculation", None) is not None:
+            runner.set_speculation(None)
+        return
+    if not hasattr(runner, "set_speculation"):
+        raise RuntimeError(f"{type(runner).__name__} does not support speculative decoding")
+    runner.set_speculation(Speculation(**speculation))
 
 
 def run_case(runner, case: dict, warmup: int, repetitions: int, peak, on_rep) -> dict:
@@ -73,10 +80,7 @@ def run_case(runner, case: dict, warmup: int, repetitions: int, peak, on_rep) ->
     sampling = SamplingConfig(max_new_tokens=case["new_tokens"], temperature=0.0)
     samples: dict[str, list] = {"ttft_s": [], "decode_s": [], "e2e_s": [], "new_tokens": []}
     first_call_s = None
-    if case.get("prompt_lookup"):
-        set_prompt_lookup(runner, case["prompt_lookup"])
-    elif hasattr(runner, "prompt_lookup_num_tokens"):
-        runner.prompt_lookup_num_tokens = 0
+    set_speculation(runner, case.get("speculation"))
     peak.reset()
     for index in range(warmup + repetitions):
         started = time.perf_counter()

@@ -97,6 +97,10 @@ def bench(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="Threads for torch and for runners that take a threads option (default: all physical cores; ONNX Runtime and OpenVINO use all physical cores by default)."),
     prompt_lookup: int = typer.Option(0, "--prompt-lookup", min=0, help="Also measure prompt-lookup decoding with N "
                                       "candidate tokens on a summarization prompt, against plain greedy."),
+    draft: list[Path] = typer.Option([], "--draft", help="Also measure assisted generation with this draft model on "
+                                      "the summarization prompt: an artifact of the same target (e.g. the int4 build) "
+                                      "for artifacts, a checkpoint for the PyTorch baseline. Repeatable."),
+    draft_tokens: int = typer.Option(5, "--draft-tokens", min=1, help="Candidate tokens per step with --draft."),
     fmt: Optional[str] = typer.Option(None, "--format", help="table (default), json, csv or md."),
     json_output: bool = typer.Option(False, "--json", help="One JSON object per measurement (same as --format json)."),
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the --format output here (stdout still "
@@ -117,7 +121,8 @@ def bench(
         input_ratios=_numbers(input_ratios, float, "--input-ratios"),
         input_lengths=_numbers(input_lengths, int, "--input-lengths"), new_tokens=new_tokens,
         batch_sizes=_numbers(batch_sizes, int, "--batch-sizes"), sequence_length=sequence_length,
-        repetitions=repetitions, warmup=warmup, seed=seed, threads=threads, prompt_lookup=prompt_lookup, verify=verify,
+        repetitions=repetitions, warmup=warmup, seed=seed, threads=threads, prompt_lookup=prompt_lookup,
+        drafts=[str(path) for path in draft], draft_tokens=draft_tokens, verify=verify,
     )
     if not config.artifacts and not config.baselines:
         raise UsageError("nothing to benchmark: give artifact directories and/or --baseline pytorch")

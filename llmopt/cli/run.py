@@ -13,6 +13,7 @@ from llmopt import api
 from llmopt.cli import _output
 from llmopt.cli.main import app
 from llmopt.errors import UsageError
+from llmopt.runners.base import Speculation
 
 
 def read_prompts_file(path: Path) -> list[str]:
@@ -50,6 +51,11 @@ def run(
     seed: Optional[int] = typer.Option(None, "--seed"),
     raw: bool = typer.Option(False, "--raw", help="Do not apply the chat template."),
     json_output: bool = typer.Option(False, "--json", help="One JSON object per prompt on stdout."),
+    prompt_lookup: int = typer.Option(0, "--prompt-lookup", min=0, help="Prompt-lookup decoding: N candidate tokens "
+                                      "copied from the prompt per step (helps when the output quotes the input)."),
+    draft: Optional[Path] = typer.Option(None, "--draft", help="Assisted generation: a draft model sharing the "
+                                         "tokenizer (an artifact of the same target, e.g. its int4 build)."),
+    draft_tokens: int = typer.Option(5, "--draft-tokens", min=1, help="Candidate tokens per step with --draft."),
 ) -> None:
     """Generate from one or more prompts, streaming tokens to stdout."""
     all_prompts = list(prompts or [])
@@ -63,8 +69,15 @@ def run(
         sys.stdout.write(text)
         sys.stdout.flush()
 
+    if prompt_lookup and draft is not None:
+        raise UsageError("--prompt-lookup and --draft are two ways to propose candidates; choose one")
+    speculation = None
+    if prompt_lookup:
+        speculation = Speculation("prompt-lookup", prompt_lookup)
+    elif draft is not None:
+        speculation = Speculation("draft", draft_tokens, str(draft))
     results = api.run(
-        artifact, all_prompts, chat=not raw, on_text=on_text if stream else None,
+        artifact, all_prompts, chat=not raw, on_text=on_text if stream else None, speculation=speculation,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
     )
     for result in results:

@@ -19,6 +19,7 @@ import numpy as np
 from llmopt import artifact
 from llmopt._deps import version_of
 from llmopt.artifact import Manifest
+from llmopt.errors import UsageError
 
 TokenCallback = Callable[[int, int], None]
 
@@ -51,6 +52,38 @@ class BatchOutput:
     extra: dict = field(default_factory=dict)
 
 
+SPECULATION_METHODS = ("prompt-lookup", "draft")
+
+
+@dataclass(frozen=True)
+class Speculation:
+    """Speculative decoding: candidate tokens proposed cheaply, then verified by the model in one forward.
+
+    ``prompt-lookup`` copies candidates from n-grams of the prompt (no second model); ``draft`` asks a
+    small draft model (assisted generation). The model keeps only the candidates it would have
+    produced itself, so greedy output is unchanged; the gain depends on how many are accepted.
+    """
+
+    method: str  # one of SPECULATION_METHODS
+    num_tokens: int = 3  # candidates proposed per step
+    draft: str | None = None  # method "draft": a checkpoint (pytorch) or an artifact of the runner's target
+
+    def __post_init__(self):
+        if self.method not in SPECULATION_METHODS:
+            raise UsageError(f"unknown speculative decoding method '{self.method}'; accepted: {', '.join(SPECULATION_METHODS)}")
+        if self.num_tokens < 1:
+            raise UsageError(f"speculative decoding needs at least 1 candidate token per step, got {self.num_tokens}")
+        if (self.method == "draft") != (self.draft is not None):
+            raise UsageError("a draft model is given with method 'draft', and only with it")
+
+    @property
+    def label(self) -> str:
+        """How rows and logs name it: ``prompt-lookup:3``, ``draft:smol-ov-int4:5``."""
+        if self.method == "draft":
+            return f"draft:{Path(self.draft).name}:{self.num_tokens}"
+        return f"prompt-lookup:{self.num_tokens}"
+
+
 def cut_at_eos(tokens: list[int], eos_token_ids: set[int], max_new_tokens: int) -> SequenceOutput:
     """A row of generated ids up to and including its first end token, or ``max_new_tokens`` of them."""
     for index, token in enumerate(tokens):
@@ -75,6 +108,8 @@ class Runner(ABC):
     extra: ClassVar[str]
     # Distributions whose versions must be able to load what the exporter recorded.
     backend_distributions: ClassVar[tuple[str, ...]] = ()
+    # Speculative decoding methods this runner implements (see ``Speculation``), at batch size 1.
+    speculation_methods: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, path: Path, batch_size: int, sequence_length: int, manifest: Manifest | None = None):
         self.path = Path(path)
@@ -83,6 +118,7 @@ class Runner(ABC):
         self.manifest = manifest
         self.eos_token_ids = read_eos_ids(self.path)
         self._tokenizer = None
+        self.speculation: Speculation | None = None
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True, **options) -> "Runner":
@@ -100,6 +136,24 @@ class Runner(ABC):
 
             self._tokenizer = AutoTokenizer.from_pretrained(self.path)
         return self._tokenizer
+
+    def set_speculation(self, speculation: Speculation | None) -> None:
+        """Use speculative decoding for the following ``generate`` calls (None: plain decoding).
+
+        Refused, before any work, where this runner or its pinned batch size cannot do it."""
+        if speculation is not None:
+            if speculation.method not in self.speculation_methods:
+                able = f"it supports {', '.join(self.speculation_methods)}" if self.speculation_methods else \
+                    "use an openvino artifact or the pytorch baseline"
+                raise UsageError(f"the {self.target} runner does not support {speculation.method} decoding; {able}")
+            if self.batch_size != 1:
+                raise UsageError(f"{speculation.method} decoding needs an artifact pinned to batch size 1, "
+                                 f"this one is pinned to {self.batch_size}")
+        self._apply_speculation(speculation)
+        self.speculation = speculation
+
+    def _apply_speculation(self, speculation: Speculation | None) -> None:
+        """Runner-specific part of ``set_speculation``; only called with a supported method."""
 
     @abstractmethod
     def generate(self, batch: list[list[int]], sampling: SamplingConfig, on_token: TokenCallback | None = None) -> BatchOutput:

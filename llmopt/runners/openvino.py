@@ -25,9 +25,10 @@ from llmopt import artifact
 from llmopt._deps import require
 from llmopt.errors import PromptTooLongError, UsageError
 from llmopt.generation import check_prompt_length
-from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, SequenceOutput, TokenCallback
+from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, SequenceOutput, Speculation, TokenCallback
 
 MODEL_FILE = "openvino_model.xml"
+PROMPT_LOOKUP_MAX_NGRAM = 3  # longest prompt n-gram matched for prompt-lookup candidates
 # Properties that only openvino-genai reads; OpenVINO Core refuses them.
 GENAI_ONLY_PROPERTIES = ("ATTENTION_BACKEND",)
 
@@ -36,6 +37,9 @@ class OpenVINORunner(Runner):
     target = "openvino"
     extra = "openvino"
     backend_distributions = ("openvino", "openvino-genai")
+    # openvino-genai's prompt_lookup pipeline and its speculative decoding with a draft model (another
+    # openvino artifact of the same checkpoint, e.g. its int4 build); both on the paged-attention scheduler.
+    speculation_methods = ("prompt-lookup", "draft")
 
     def __init__(self, path: Path, batch_size: int, sequence_length: int, manifest=None):
         super().__init__(path, batch_size, sequence_length, manifest)
@@ -60,13 +64,33 @@ class OpenVINORunner(Runner):
     def pipeline(self):
         if self._pipeline is None:
             properties = dict(self.ov_config)
+            if self.speculation is not None:
+                properties["ATTENTION_BACKEND"] = "PA"  # speculative decoding runs on the scheduler only
             if str(properties.get("ATTENTION_BACKEND", "PA")).upper() != "SDPA":
-                scheduler = self.genai.SchedulerConfig()
-                for name, value in self.scheduler_options.items():
-                    setattr(scheduler, name, value)
-                properties["scheduler_config"] = scheduler
+                properties["scheduler_config"] = self._scheduler_config()
+            if self.speculation is not None and self.speculation.method == "prompt-lookup":
+                properties["prompt_lookup"] = True
+            elif self.speculation is not None:
+                draft = Path(self.speculation.draft)
+                draft_runtime = artifact.read_manifest(draft).runtime
+                draft_properties = {key: value for key, value in (draft_runtime.get("ov_config") or {}).items()
+                                    if key not in GENAI_ONLY_PROPERTIES}
+                properties["draft_model"] = self.genai.draft_model(
+                    str(draft), draft_runtime.get("device", self.device),
+                    scheduler_config=self._scheduler_config(), **draft_properties)
             self._pipeline = self.genai.LLMPipeline(str(self.path), self.device, **properties)
         return self._pipeline
+
+    def _scheduler_config(self):
+        scheduler = self.genai.SchedulerConfig()
+        for name, value in self.scheduler_options.items():
+            setattr(scheduler, name, value)
+        return scheduler
+
+    def _apply_speculation(self, speculation: Speculation | None) -> None:
+        if speculation is not None and speculation.draft is not None:
+            check_draft_artifact(Path(speculation.draft), self)
+        self._pipeline = None  # rebuilt on the next call, with or without the speculative pipeline
 
     def _generation_config(self, sampling: SamplingConfig, max_new_tokens: int):
         config = self.genai.GenerationConfig()
@@ -77,6 +101,10 @@ class OpenVINORunner(Runner):
             config.eos_token_id = min(self.eos_token_ids)
             config.stop_token_ids = set(self.eos_token_ids)
         config.repetition_penalty = sampling.repetition_penalty
+        if self.speculation is not None:
+            config.num_assistant_tokens = self.speculation.num_tokens
+            if self.speculation.method == "prompt-lookup":
+                config.max_ngram_size = PROMPT_LOOKUP_MAX_NGRAM
         config.do_sample = not sampling.greedy
         if not sampling.greedy:
             config.temperature = sampling.temperature
@@ -157,6 +185,24 @@ class OpenVINORunner(Runner):
     def close(self) -> None:
         self._pipeline = None
         self._logits_request = None
+
+
+def check_draft_artifact(draft: Path, runner: OpenVINORunner) -> None:
+    """A draft for ``runner``: an openvino artifact with the same vocabulary, one row, room for the sequence."""
+    if not (draft / artifact.MANIFEST_NAME).is_file():
+        raise UsageError(f"draft model '{draft}' is not an llmopt artifact (no {artifact.MANIFEST_NAME}); the openvino "
+                         "runner drafts with another openvino artifact of the same checkpoint (e.g. its int4 build)")
+    manifest = artifact.load(draft, verify=False)
+    if manifest.target != "openvino" or manifest.static:
+        raise UsageError(f"draft model '{draft}' is a {manifest.target}{' static' if manifest.static else ''} artifact; "
+                         "the openvino runner drafts with a (dynamic-shape) openvino artifact")
+    if manifest.sequence_length < runner.sequence_length:
+        raise UsageError(f"draft model '{draft}' holds {manifest.sequence_length} tokens, fewer than the "
+                         f"{runner.sequence_length} of '{runner.path}'")
+    from transformers import AutoTokenizer
+
+    if AutoTokenizer.from_pretrained(draft).get_vocab() != runner.tokenizer.get_vocab():
+        raise UsageError(f"draft model '{draft}' has another tokenizer than '{runner.path}'; a draft must share it")
 
 
 @functools.cache

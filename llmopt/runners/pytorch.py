@@ -14,7 +14,7 @@ import numpy as np
 
 from llmopt._deps import require
 from llmopt.errors import UsageError
-from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, TokenCallback, cut_at_eos
+from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, Speculation, TokenCallback, cut_at_eos
 
 MODES = ("eager", "static", "compile")
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -51,15 +51,16 @@ class PyTorchRunner(Runner):
     target = "pytorch"
     extra = "pytorch"
     backend_distributions = ("torch", "transformers")
-    # Prompt-lookup decoding (transformers' ``prompt_lookup_num_tokens``): candidate tokens copied from
-    # the prompt's n-grams, verified in one forward. 0 is off. Batch size 1 and eager mode only
-    # (transformers would silently swap a static cache for a dynamic one). Settable per call.
-    prompt_lookup_num_tokens: int = 0
+    # transformers' prompt_lookup_num_tokens and assisted generation (assistant_model, a checkpoint
+    # sharing the tokenizer). Eager mode only: transformers would silently swap a static cache for a
+    # dynamic one.
+    speculation_methods = ("prompt-lookup", "draft")
 
     def __init__(self, path: Path, batch_size: int = 1, sequence_length: int = 2048, manifest=None,
-                 mode: str = "eager", dtype: str = "fp32", threads: int | None = None, prompt_lookup_num_tokens: int = 0):
+                 mode: str = "eager", dtype: str = "fp32", threads: int | None = None):
         super().__init__(path, batch_size, sequence_length, manifest)
-        self.prompt_lookup_num_tokens = prompt_lookup_num_tokens
+        self.dtype = dtype
+        self._draft_model = None
         if mode not in MODES:
             raise UsageError(f"unknown PyTorch mode '{mode}'; accepted: {', '.join(MODES)}")
         torch = require("torch", extra="pytorch")
@@ -87,6 +88,25 @@ class PyTorchRunner(Runner):
             mask[row, width - len(ids):] = 1
         return self.torch.from_numpy(input_ids), self.torch.from_numpy(mask)
 
+    def _apply_speculation(self, speculation: Speculation | None) -> None:
+        if speculation is not None and self.mode != "eager":
+            raise UsageError(f"{speculation.method} decoding needs the eager PyTorch mode (a static cache would be "
+                             f"swapped for a dynamic one), not '{self.mode}'")
+        self._draft_model = None
+        if speculation is not None and speculation.draft is not None:
+            self._draft_model = self._load_draft(Path(speculation.draft))
+
+    def _load_draft(self, path: Path):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if not (path / "config.json").is_file():
+            raise UsageError(f"draft model '{path}' is not a checkpoint directory (no config.json); the pytorch "
+                             "runner drafts with a Hugging Face checkpoint sharing the model's tokenizer")
+        if AutoTokenizer.from_pretrained(path).get_vocab() != self.tokenizer.get_vocab():
+            raise UsageError(f"draft model '{path}' has another tokenizer than '{self.path}'; a draft must share it")
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=getattr(self.torch, TORCH_DTYPES[self.dtype]), attn_implementation="sdpa").eval()
+
     def generate(self, batch: list[list[int]], sampling: SamplingConfig, on_token: TokenCallback | None = None) -> BatchOutput:
         torch = self.torch
         input_ids, attention_mask = self._pad_left(batch)
@@ -100,12 +120,15 @@ class PyTorchRunner(Runner):
             options.update(temperature=None, top_k=None, top_p=None)
         if self.mode in ("static", "compile"):
             options.update(cache_implementation="static")
-        if self.prompt_lookup_num_tokens:
-            if self.mode != "eager" or len(batch) != 1:
-                raise UsageError(f"prompt-lookup decoding needs mode eager and one prompt per call "
-                                 f"(mode {self.mode}, {len(batch)} prompts)")
-            options.update(prompt_lookup_num_tokens=self.prompt_lookup_num_tokens)
-            if options["eos_token_id"] is None:  # its candidate search cannot take None: an id never generated
+        if self.speculation is not None:
+            if len(batch) != 1:
+                raise UsageError(f"{self.speculation.method} decoding takes one prompt per call, got {len(batch)}")
+            if self.speculation.method == "prompt-lookup":
+                options.update(prompt_lookup_num_tokens=self.speculation.num_tokens)
+            else:
+                options.update(assistant_model=self._draft_model, num_assistant_tokens=self.speculation.num_tokens,
+                               num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
+            if options["eos_token_id"] is None:  # the candidate search cannot take None: an id never generated
                 options["eos_token_id"] = [self.model.config.vocab_size]
         streamer = _TimingStreamer(on_token)
         with torch.inference_mode():
