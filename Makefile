@@ -9,7 +9,7 @@ PROMPT ?= Write a haiku about compilers.
 # Test selection: everything (slow end-to-end tests included) unless overridden, e.g. make test PYTEST_ARGS='-m "not slow"'.
 PYTEST_ARGS ?=
 
-.PHONY: install model demo test test-fast bench clean install-neuron install-tensorrt install-gpu
+.PHONY: install model demo test test-fast bench install-peer clean install-neuron install-tensorrt install-gpu
 
 install: $(VENV)/.installed
 
@@ -40,6 +40,11 @@ test-fast: install
 
 bench: install model
 	$(PY) bench/run_all.py
+
+# llama.cpp as the bench's peer (bench/llamacpp_peer.py): compiles llama.cpp from source, ~10 min on 2 cores.
+# Not part of install or CI; make bench adds its rows when it is there.
+install-peer: install
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" $(PY) -m pip install -q llama-cpp-python==0.3.36
 
 # Separate environments: these stacks pin their own optimum/transformers and cannot share the CPU set.
 install-neuron:

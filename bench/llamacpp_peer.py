@@ -77,6 +77,19 @@ def open_runner(path: str, batch_size: int, sequence_length: int, threads: int |
     return LlamaCppRunner(path, batch_size, sequence_length, threads=threads)
 
 
+def subject(gguf: Path, checkpoint: Path, sequence_length: int = 512):
+    """llama.cpp as a bench subject: batch 1, prompts built with the checkpoint's tokenizer."""
+    from llmopt.benchmark import suite
+
+    quantization = gguf.stem.rsplit(".", 1)[-1].lower()  # SmolLM2-135M-Instruct.Q4_1 -> q4_1
+    return suite.Subject(
+        name=f"llama.cpp:{quantization}", kind="peer", path=str(gguf.resolve()), target="llama.cpp",
+        sequence_length=sequence_length, batch_size=1, precision=quantization, weights=quantization,
+        factory="llamacpp_peer:open_runner", pythonpath=str(HERE), tokenizer=str(checkpoint.resolve()),
+        checkpoint=str(checkpoint),
+    )
+
+
 def _numbers(text: str | None, kind):
     return [kind(item) for item in text.split(",") if item.strip()] if text else None
 
@@ -112,12 +125,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from llmopt.benchmark import BenchConfig, parse_baselines, report, suite
 
-    quantization = args.gguf.stem.rsplit(".", 1)[-1].lower()  # SmolLM2-135M-Instruct.Q4_1 -> q4_1
-    peer = suite.Subject(
-        name=f"llama.cpp:{quantization}", kind="peer", path=str(args.gguf.resolve()), target="llama.cpp",
-        sequence_length=args.sequence_length, batch_size=1, precision=quantization, weights=quantization,
-        factory="llamacpp_peer:open_runner", pythonpath=str(HERE), tokenizer=str(args.baseline_model.resolve()),
-    )
+    peer = subject(args.gguf, args.baseline_model, args.sequence_length)
     config = BenchConfig(
         artifacts=args.artifacts, baselines=parse_baselines(args.baseline), baseline_model=str(args.baseline_model),
         input_ratios=_numbers(args.input_ratios, float), input_lengths=_numbers(args.input_lengths, int),

@@ -28,7 +28,7 @@ from llmopt.artifact import Manifest
 from llmopt.errors import ArtifactError
 from llmopt.recipe import Recipe
 
-KEY_SCHEMA = 1  # bump when what goes into the key changes
+KEY_SCHEMA = 2  # bump when what goes into the key changes
 SOURCE_INDEX = "source-hashes.json"  # (path, size, mtime) -> sha256 of source files already hashed
 _TMP_PREFIX = ".tmp-"
 
@@ -81,11 +81,15 @@ class ArtifactCache:
         return hashes
 
     def key(self, recipe: Recipe, checkpoint: Path, backend_distributions: tuple[str, ...], validated: bool) -> str:
+        recipe_fields = recipe.to_dict()
+        # The weights are keyed by their content (source files below), not by the path or id that
+        # named them: a fresh clone elsewhere, or a copy of the checkpoint, hits the same entry.
+        recipe_fields["model"] = {name: value for name, value in recipe_fields["model"].items() if name != "id"}
         material = {
             "schema": KEY_SCHEMA,
             "llmopt": __version__,
             "format": artifact.FORMAT_VERSION,
-            "recipe": recipe.to_dict(),
+            "recipe": recipe_fields,
             "validated": validated,
             "source": {"revision": recipe.model.revision, "files": self.source_hashes(Path(checkpoint))},
             "backends": {name: version_of(name) for name in backend_distributions},
@@ -100,11 +104,13 @@ class ArtifactCache:
     def entry(self, key: str) -> Path:
         return self.root / key
 
-    def restore(self, key: str, output: Path, force: bool = False) -> Manifest | None:
+    def restore(self, key: str, output: Path, force: bool = False, source: dict | None = None) -> Manifest | None:
         """Copy a cached artifact to ``output`` atomically and return its manifest, or None on a miss.
 
         The copy is re-hashed before it is moved into place, so a corrupt entry is never served:
-        it is removed, and the caller builds the artifact again.
+        it is removed, and the caller builds the artifact again. ``source``: this request's model and
+        checkpoint, recorded in the copy's manifest (the entry may have been built from another path
+        holding the same content).
         """
         entry = self.entry(key)
         if not entry.is_dir():
@@ -121,6 +127,9 @@ class ArtifactCache:
                     manifest = artifact.load(workdir, verify=True)
                     if manifest.cache_key != key:
                         raise ArtifactError(f"cache entry '{entry}' holds an artifact with key {manifest.cache_key}")
+                    if source is not None and manifest.source != source:
+                        manifest.source = source
+                        (workdir / artifact.MANIFEST_NAME).write_text(manifest.to_json())
         except (ArtifactError, FileNotFoundError) as exc:  # corrupt, or removed by another job meanwhile
             events.warning(f"cache entry {entry} is unusable ({getattr(exc, 'message', exc)}); rebuilding", cache_key=key)
             self.evict(key)

@@ -45,7 +45,9 @@ class Quantization(Section):
     weight_format: Literal["none", "int8", "int4", "fp8"] = "none"
     symmetric: bool | None = Field(None, description="None lets the target pick its best default")
     group_size: int | None = Field(None, ge=-1, description="-1 means per-channel; None picks one that divides")
-    ratio: float = Field(1.0, gt=0.0, le=1.0, description="share of layers in int4, the rest int8")
+    ratio: float | None = Field(
+        None, gt=0.0, le=1.0, description="share of layers in int4, the rest int8; unset: the target's default "
+        "(openvino: all int4; onnx: the qkv and down projections in int8)")
     algorithm: Literal["auto", "rtn", "awq", "hqq", "gptq"] = Field(
         "auto", description="auto: the target's best default (openvino int4: AWQ + scale estimation); rtn: data-free"
     )

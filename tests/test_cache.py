@@ -255,6 +255,22 @@ def test_changed_source_misses(tiny_llama, tmp_path, capsys):
     assert second["cached"] is False and second["cache_key"] != first
 
 
+def test_hit_from_another_path_records_this_source(tiny_llama, tmp_path, capsys):
+    """The key is the content, not the path: a copy of the checkpoint hits, and the restored
+    manifest names the copy (the bench finds its baseline checkpoint there)."""
+    require_exporter("onnx")
+    cache_dir = tmp_path / "cache"
+    assert _export(tiny_llama, tmp_path / "a", "--cache-dir", str(cache_dir), "--no-validate") == 0
+    first = json.loads(capsys.readouterr().out)
+    moved = shutil.copytree(tiny_llama, tmp_path / "moved-ckpt")
+    assert _export(moved, tmp_path / "b", "--cache-dir", str(cache_dir), "--no-validate") == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["cached"] is True and second["cache_key"] == first["cache_key"]
+    source = artifact.load(tmp_path / "b", verify=True).source
+    assert source["checkpoint"] == str(moved) and source["model"] == str(moved)
+    assert artifact.load(cache_dir / first["cache_key"]).source["checkpoint"] == str(tiny_llama)  # entry untouched
+
+
 def test_two_jobs_share_a_cache(tiny_llama, tmp_path):
     """Two CI jobs at once, one cache directory: both succeed and leave one intact entry."""
     require_exporter("onnx")

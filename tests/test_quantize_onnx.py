@@ -89,6 +89,22 @@ def test_shipped_recipes_plan():
         assert planned["plan"]["quantize"]["weight_format"] == weight_format
 
 
+def test_a_dumped_recipe_builds_the_same_mix(tmp_path):
+    """The resolved recipe stored in a manifest, fed back as a recipe file, keeps the default 4/8-bit
+    mix: an unset ratio stays unset (null), it does not become 1.0 (all int4)."""
+    import yaml
+
+    shipped = recipe.resolve(ROOT / "configs" / "smollm2-onnx-int4.yaml")
+    dumped = tmp_path / "dumped.yaml"
+    dumped.write_text(yaml.safe_dump(shipped.to_dict()))
+    again = recipe.resolve(dumped)
+    assert again.quantization.ratio is None and not quantize_onnx.ratio_given(again)
+    assert quantize_onnx.settings(again)["int8_roles"] == list(quantize_onnx.INT8_ROLES)
+    assert again.to_dict() == shipped.to_dict()
+    explicit = recipe.resolve(dumped, {"quantization.ratio": 1.0})
+    assert quantize_onnx.settings(explicit)["int8_roles"] == "chosen by quantization.ratio"
+
+
 # -- the numbers: block quantizers ------------------------------------------------------------
 
 

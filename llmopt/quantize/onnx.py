@@ -155,8 +155,7 @@ def settings(recipe: Recipe, block_sizes: dict[int, int] | None = None) -> dict[
 
 def ratio_given(recipe: Recipe) -> bool:
     """Whether the recipe sets quantization.ratio itself; unset, int4 keeps INT8_ROLES in 8-bit."""
-    q = recipe.quantization
-    return "ratio" in q.model_fields_set and q.ratio is not None
+    return recipe.quantization.ratio is not None
 
 
 def requested_block_sizes(recipe: Recipe) -> dict[int, int]:
