@@ -211,6 +211,21 @@ def test_bad_log_format(capsys):
     assert "--log-format 'xml'" in fails(capsys, 2, "--log-format", "xml", "doctor")
 
 
+@pytest.mark.parametrize("args, words", [
+    (["export", "-m", "x", "--batch-size", "abc"], "Invalid value for '--batch-size'"),
+    (["export", "--bogus"], "No such option: --bogus"),
+    (["run"], "Missing argument 'artifact'"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+])
+def test_flag_errors_are_one_line_with_the_help_command(capsys, args, words):
+    """The parser's own errors (bad values, unknown options) look like every other error."""
+    code, _, err = cli(capsys, *args)
+    assert code == 2
+    assert words in assert_one_line_error(err)
+    command = "llmopt " + args[0] if args[0] != "frobnicate" else "llmopt"
+    assert f"hint: see '{command} --help'" in err
+
+
 def test_debug_shows_traceback(tmp_path):
     args = ["export", "-m", str(tmp_path / "nope"), "-t", "onnx", "-o", str(tmp_path / "out")]
     quiet = llmopt_subprocess(args, timeout=120)

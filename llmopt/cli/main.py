@@ -63,11 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
     except typer.Exit as exc:
         return exc.exit_code
-    except typer.TyperException as exc:
+    except typer.TyperException as exc:  # a bad flag value, an unknown option, a missing argument
         if debug:
             raise
-        exc.show() if hasattr(exc, "show") else _output.print_error(exc.message)
-        return exc.exit_code if exc.exit_code else EXIT_USAGE
+        message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+        context = getattr(exc, "ctx", None)
+        command = context.command_path if context is not None else "llmopt"
+        _output.print_error(message, f"see '{command} --help'")
+        return exc.exit_code if getattr(exc, "exit_code", None) else EXIT_USAGE
     except typer.Abort:
         _output.print_error("aborted")
         return EXIT_RUNTIME
