@@ -30,7 +30,7 @@ from llmopt import artifact, events
 from llmopt.benchmark import prompts as prompt_module
 from llmopt.benchmark.machine import default_threads, machine_info
 from llmopt.benchmark.stats import HIGH_VARIANCE, speedups, summarize
-from llmopt.benchmark.worker import PROGRESS_PREFIX
+from llmopt.benchmark.worker import COMPILE_WARMUP, PROGRESS_PREFIX
 from llmopt.errors import UsageError
 from llmopt.runners.base import Speculation
 
@@ -456,8 +456,9 @@ def run(config: BenchConfig, on_event: Callable[[dict], None] | None = None) -> 
     prompt_ids, prompt_notes = build_prompts(config, subjects, grounded_budget)
     notes += prompt_notes
     threads = config.threads or default_threads()
-    if "compile" in config.baselines and config.warmup == 0:
-        notes.append("pytorch:compile with --warmup 0: the first repetition includes compilation")
+    if "compile" in config.baselines and config.warmup < COMPILE_WARMUP:
+        notes.append(f"pytorch:compile runs {COMPILE_WARMUP} untimed warmups per case (not {config.warmup}): "
+                     "torch.compile recompiles once when the static cache is first filled")
     machine = machine_info()
     on_event = on_event or (lambda event: None)
     total = sum(len(s.cases) * (config.warmup + config.repetitions) for s in subjects)

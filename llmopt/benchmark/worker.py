@@ -17,6 +17,9 @@ import traceback
 from pathlib import Path
 
 PROGRESS_PREFIX = "@@llmopt-bench "
+# torch.compile reaches its steady graphs on the second call: the static cache's first fill
+# recompiles once. Compiled subjects get at least this many untimed runs per case.
+COMPILE_WARMUP = 2
 
 
 def emit(event: str, **fields) -> None:
@@ -123,9 +126,10 @@ def run_plan(plan: dict) -> dict:
               "load_peak_rss_bytes": peak.peak(), "rss_method": peak.method, "threads": threads,
               "threads_how": threads_how, "cases": []}
     emit("loaded", load_s=load_s)
+    warmup = max(plan["warmup"], COMPILE_WARMUP) if subject.get("mode") == "compile" else plan["warmup"]
     for case in plan["cases"]:
         try:
-            outcome = run_case(runner, case, plan["warmup"], plan["repetitions"], peak,
+            outcome = run_case(runner, case, warmup, plan["repetitions"], peak,
                                lambda index, case_id=case["id"]: emit("rep", case=case_id, index=index))
         except Exception as exc:  # one failing case (e.g. out of memory) does not lose the others
             outcome = {"id": case["id"], "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
