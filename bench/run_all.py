@@ -142,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"llmopt bench: {', '.join(artifacts)}{' and llama.cpp' if peer else ''} against "
         f"{', '.join(config.baselines) or 'no baseline'}")
     result = suite.run(config)
-    for fmt, name in (("json", "bench.jsonl"), ("csv", "bench.csv"), ("md", "bench.md")):
-        (RESULTS / name).write_text(report.render(result.rows, result.machine, fmt))
-    report.plot(result.rows, RESULTS / "bench.png")
+    report.write_all(result.rows, result.machine, RESULTS)
     report.print_table(result.rows, result.machine, result.notes)
 
     bounds = []

@@ -242,6 +242,19 @@ def test_cli_json_and_plot(fake_artifact, tmp_path, capsys):
     assert plot.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_cli_output_dir_writes_every_format(fake_artifact, tmp_path, capsys):
+    out = tmp_path / "results"
+    code = main(["bench", str(fake_artifact), "--input-lengths", "8,12", "--new-tokens", "4", "-r", "1", "--warmup", "0",
+                 "--threads", "1", "--output-dir", str(out)])
+    assert code == 0
+    assert "tiny-pt" in capsys.readouterr().out  # the table, with the artifact's short name
+    rows = [json.loads(line) for line in (out / "bench.jsonl").read_text().splitlines()]
+    assert [(row["input_length"], row["status"]) for row in rows] == [(8, "ok"), (12, "ok")]
+    assert len(list(csv.DictReader((out / "bench.csv").open()))) == 2
+    assert (out / "bench.md").read_text().count(str(fake_artifact)) == 2
+    assert (out / "bench.png").read_bytes()[:8] == PNG_MAGIC
+
+
 def test_cli_usage_errors(fake_artifact, capsys):
     assert main(["bench"]) == 2
     assert main(["bench", str(fake_artifact), "--input-ratios", "0.5,1.5"]) == 2

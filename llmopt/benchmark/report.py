@@ -111,7 +111,7 @@ def _cell(row: dict, column: str, pattern: str | None) -> str:
 
 
 def _label(row: dict) -> str:
-    label = row["subject"]
+    label = short_name(row["subject"])
     if row.get("decoding") not in (None, "greedy"):
         label += " " + row["decoding"].replace("prompt-lookup:", "lookup:")
     if row.get("prompt") == "grounded":
@@ -171,51 +171,71 @@ def print_table(rows: list[dict], machine: dict, notes: list[str], console=None)
     for header, _, _ in columns:
         resources.add_column(header, justify="right", no_wrap=True, min_width=len(header))
     for name, row in by_subject.items():
-        resources.add_row(Text(name), *[_cell(row, column, pattern) for _, column, pattern in columns])
+        resources.add_row(Text(short_name(name)), *[_cell(row, column, pattern) for _, column, pattern in columns])
     console.print(resources)
     console.print(f"machine: {machine_line(machine)}", markup=False, highlight=False)
     if any(row.get("vs") for row in ok):
         console.print("x dec: decode tokens/s over the reference's; x TTFT: the reference's TTFT over this one "
-                      "(above 1 is faster). Reference: the eager PyTorch baseline at the same case, or, for lookup "
-                      "rows, the same subject's greedy row.", markup=False, highlight=False)
+                      "(above 1 is faster). Reference: the eager PyTorch baseline at the same case, or, for speculative "
+                      "rows (lookup, draft), the same subject's greedy row on the same prompt.", markup=False, highlight=False)
     if any(row.get("high_variance") for row in ok):
         console.print("*: high variance (p90/median above 1.2), see the notes", markup=False, highlight=False)
     for note in footnotes:
         console.print(f"note: {note}", markup=False, highlight=False)
 
 
+def write_all(rows: list[dict], machine: dict, directory: str | Path) -> list[Path]:
+    """bench.jsonl, bench.csv, bench.md and bench.png in ``directory``: every output of one run."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt, name in (("json", "bench.jsonl"), ("csv", "bench.csv"), ("md", "bench.md")):
+        path = directory / name
+        path.write_text(render(rows, machine, fmt), encoding="utf-8")
+        written.append(path)
+    written.append(plot(rows, directory / "bench.png"))
+    return written
+
+
+def short_name(subject: str) -> str:
+    """An artifact's directory name instead of its full path (JSON, CSV and Markdown keep the path)."""
+    return Path(subject).name if "/" in subject or "\\" in subject else subject
+
+
 def plot(rows: list[dict], path: str | Path) -> Path:
-    """TTFT and throughput against input length, one line per subject (and batch size)."""
+    """TTFT and throughput against input length: one colour per subject, one line style per batch size."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series: dict[str, list[dict]] = {}
-    batch_sizes = {row["batch_size"] for row in rows if row["status"] == "ok"}
+    series: dict[tuple[str, int], list[dict]] = {}
     for row in rows:
-        if row["status"] != "ok" or row["prompt"] != "synthetic":
-            continue
-        label = row["subject"] + (f" bs={row['batch_size']}" if len(batch_sizes) > 1 else "")
-        series.setdefault(label, []).append(row)
-    figure, (ttft_axis, rate_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for label, points in series.items():
+        if row["status"] == "ok" and row["prompt"] == "synthetic":
+            series.setdefault((row["subject"], row["batch_size"]), []).append(row)
+    subjects = list(dict.fromkeys(subject for subject, _ in series))
+    palette = plt.get_cmap("tab10" if len(subjects) <= 10 else "tab20")
+    styles = {batch: style for batch, style in zip(sorted({batch for _, batch in series}), ("-", "--", ":", "-."))}
+    figure, (ttft_axis, rate_axis) = plt.subplots(1, 2, figsize=(13, 4.8))
+    for (subject, batch), points in series.items():
         points = sorted(points, key=lambda row: row["input_length"])
         lengths = [row["input_length"] for row in points]
-        ttft_axis.plot(lengths, [row["ttft_ms"] for row in points], marker="o", label=label)
-        rate_axis.plot(lengths, [row["throughput_tok_s"] for row in points], marker="o", label=label)
-    ttft_axis.set(title="Time to first token", xlabel="input tokens", ylabel="ms")
-    rate_axis.set(title="Throughput ((input + output) tokens / end-to-end)", xlabel="input tokens", ylabel="tokens/s")
+        style = dict(marker="o", color=palette(subjects.index(subject) % palette.N), linestyle=styles.get(batch, "-"),
+                     label=f"{short_name(subject)} bs={batch}")
+        ttft_axis.plot(lengths, [row["ttft_ms"] for row in points], **style)
+        rate_axis.plot(lengths, [row["throughput_tok_s"] for row in points], **style)
+    ttft_axis.set(title="Time to first token (lower is better)", xlabel="input tokens", ylabel="ms")
+    rate_axis.set(title="Throughput: (input + output) tokens / end-to-end", xlabel="input tokens", ylabel="tokens/s")
     for axis in (ttft_axis, rate_axis):
         axis.grid(True, alpha=0.3)
         values = [value for line in axis.get_lines() for value in line.get_ydata() if value and value > 0]
         if values and max(values) / min(values) > 20:  # runtimes often differ by orders of magnitude
             axis.set_yscale("log")
     if series:
-        rate_axis.legend(fontsize=8)
+        figure.legend(*ttft_axis.get_legend_handles_labels(), loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
     figure.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, format="png", dpi=110)
+    figure.savefig(path, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path

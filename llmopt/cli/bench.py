@@ -106,6 +106,8 @@ def bench(
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Write the --format output here (stdout still "
                                           "gets the table)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="PNG: TTFT and throughput against input length."),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Write every output there: bench.jsonl, "
+                                              "bench.csv, bench.md and bench.png (the table still goes to stdout)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Re-hash artifact files before loading (not timed)."),
 ) -> None:
     """Latency, throughput and memory of artifacts and the PyTorch baseline, side by side, in one run."""
@@ -143,6 +145,9 @@ def bench(
             sys.stderr.write(f"note: {note}\n")
     if plot is not None:
         report.plot(result.rows, plot)
+    if output_dir is not None:
+        for path in report.write_all(result.rows, result.machine, output_dir):
+            sys.stderr.write(f"wrote {path}\n")
     if result.failed:
         failed = sorted({row["subject"] for row in result.rows if row["status"] == "error"})
         sys.stderr.write(f"error: some measurements failed ({', '.join(failed)}); see the rows' notes\n")
