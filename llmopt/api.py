@@ -63,16 +63,16 @@ def directory_size(path: Path) -> int:
     return sum(file.stat().st_size for file in Path(path).rglob("*") if file.is_file())
 
 
-def source_of(recipe: Recipe, checkpoint: Path) -> dict:
-    """What the manifest records of where the weights came from."""
-    return {"model": recipe.model.id, "revision": recipe.model.revision, "checkpoint": str(checkpoint)}
+def provenance(recipe: Recipe, checkpoint: Path) -> dict:
+    """The manifest fields that say what this export was asked for and where its weights came from."""
+    return {"recipe": recipe.to_dict(),
+            "source": {"model": recipe.model.id, "revision": recipe.model.revision, "checkpoint": str(checkpoint)}}
 
 
 def new_manifest(recipe: Recipe, exporter: Exporter, checkpoint: Path, result) -> Manifest:
     return Manifest(
         target=recipe.target,
-        recipe=recipe.to_dict(),
-        source=source_of(recipe, checkpoint),
+        **provenance(recipe, checkpoint),
         backend_versions={name: version_of(name) for name in exporter.backend_distributions},
         shapes=recipe.shapes.model_dump(),
         precision=recipe.precision.dtype,
@@ -139,7 +139,7 @@ def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bo
     store = cache.ArtifactCache(cache_dir) if cache_dir is not None else None
     key = store.key(recipe, checkpoint, exporter.backend_distributions, validated) if store else None
     with no_space_errors(output):
-        if store is not None and (cached := store.restore(key, output, force, source_of(recipe, checkpoint))) is not None:
+        if store is not None and (cached := store.restore(key, output, force, provenance(recipe, checkpoint))) is not None:
             seconds = time.perf_counter() - started
             return ExportReport(output=output, manifest=cached, seconds=seconds, size_bytes=directory_size(output), cached=True)
         with artifact.staging(output, force) as workdir:

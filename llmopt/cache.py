@@ -104,13 +104,13 @@ class ArtifactCache:
     def entry(self, key: str) -> Path:
         return self.root / key
 
-    def restore(self, key: str, output: Path, force: bool = False, source: dict | None = None) -> Manifest | None:
+    def restore(self, key: str, output: Path, force: bool = False, provenance: dict | None = None) -> Manifest | None:
         """Copy a cached artifact to ``output`` atomically and return its manifest, or None on a miss.
 
         The copy is re-hashed before it is moved into place, so a corrupt entry is never served:
-        it is removed, and the caller builds the artifact again. ``source``: this request's model and
-        checkpoint, recorded in the copy's manifest (the entry may have been built from another path
-        holding the same content).
+        it is removed, and the caller builds the artifact again. ``provenance``: manifest fields of
+        this request (``source``, ``recipe``) recorded in the copy, since the entry may have been
+        built from another path holding the same content (the key leaves the model's path out).
         """
         entry = self.entry(key)
         if not entry.is_dir():
@@ -127,8 +127,9 @@ class ArtifactCache:
                     manifest = artifact.load(workdir, verify=True)
                     if manifest.cache_key != key:
                         raise ArtifactError(f"cache entry '{entry}' holds an artifact with key {manifest.cache_key}")
-                    if source is not None and manifest.source != source:
-                        manifest.source = source
+                    if provenance and any(getattr(manifest, name) != value for name, value in provenance.items()):
+                        for name, value in provenance.items():
+                            setattr(manifest, name, value)
                         (workdir / artifact.MANIFEST_NAME).write_text(manifest.to_json())
         except (ArtifactError, FileNotFoundError) as exc:  # corrupt, or removed by another job meanwhile
             events.warning(f"cache entry {entry} is unusable ({getattr(exc, 'message', exc)}); rebuilding", cache_key=key)

@@ -266,8 +266,9 @@ def test_hit_from_another_path_records_this_source(tiny_llama, tmp_path, capsys)
     assert _export(moved, tmp_path / "b", "--cache-dir", str(cache_dir), "--no-validate") == 0
     second = json.loads(capsys.readouterr().out)
     assert second["cached"] is True and second["cache_key"] == first["cache_key"]
-    source = artifact.load(tmp_path / "b", verify=True).source
-    assert source["checkpoint"] == str(moved) and source["model"] == str(moved)
+    restored = artifact.load(tmp_path / "b", verify=True)
+    assert restored.source["checkpoint"] == str(moved) and restored.source["model"] == str(moved)
+    assert restored.recipe["model"]["id"] == str(moved)
     assert artifact.load(cache_dir / first["cache_key"]).source["checkpoint"] == str(tiny_llama)  # entry untouched
 
 

@@ -48,13 +48,6 @@ def test_speculation_checks_its_fields():
         Speculation("prompt-lookup", 3, "/x/draft")
 
 
-def test_bench_knows_the_pytorch_methods_without_importing_torch():
-    from llmopt.benchmark.suite import PYTORCH_SPECULATION
-    from llmopt.runners.pytorch import PyTorchRunner
-
-    assert PYTORCH_SPECULATION == PyTorchRunner.speculation_methods
-
-
 # -- PyTorch ----------------------------------------------------------------------------------------
 
 

@@ -33,9 +33,9 @@ from llmopt.benchmark.stats import HIGH_VARIANCE, speedups, summarize
 from llmopt.benchmark.worker import COMPILE_WARMUP, PROGRESS_PREFIX
 from llmopt.errors import UsageError
 from llmopt.runners.base import Speculation
+from llmopt.runners.pytorch import PyTorchRunner  # its module imports neither torch nor transformers
 
 PYTORCH_MODES = ("eager", "static", "compile")
-PYTORCH_SPECULATION = ("prompt-lookup", "draft")  # runners.pytorch.PyTorchRunner.speculation_methods, without importing torch
 DEFAULT_SEQUENCE_LENGTH = 512  # a baseline-only run with no --sequence-length
 GROUNDED_NEW_TOKENS = 128
 MIB = 1024 * 1024
@@ -225,7 +225,7 @@ def _baseline_subjects(config: BenchConfig, artifacts: list[Subject], notes: lis
                 name=f"pytorch:{mode}{suffix}", kind="pytorch", path=str(Path(checkpoint).resolve()), target="pytorch",
                 sequence_length=sequence_length, mode=mode, dtype=config.baseline_dtype, precision=config.baseline_dtype,
                 weights="none", checkpoint=checkpoint,
-                speculation_methods=PYTORCH_SPECULATION if mode == "eager" else (),
+                speculation_methods=PyTorchRunner.speculation_methods if mode == "eager" else (),
             )
             if mode in config.baselines:
                 subject.cases = [Case(bs, length, new) for bs in batch_sizes for length, new in sorted(pairs)]

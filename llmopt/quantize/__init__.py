@@ -59,6 +59,21 @@ def check(recipe: Recipe) -> None:
         backend(recipe.target).check(recipe)
 
 
+def check_format_and_shapes(recipe: Recipe, formats: tuple[str, ...], why: str) -> None:
+    """The checks every target's quantization makes first: a weight format it has (``why`` says where
+    the others are missing), and dynamic shapes. Pure."""
+    q = recipe.quantization
+    if q.weight_format not in formats:
+        raise RecipeError(
+            f"quantization.weight_format '{q.weight_format}' is not supported by the {recipe.target} target{why}; "
+            f"accepted: {', '.join(formats)}",
+            hint="fp8 weights need a GPU target (tensorrt)" if q.weight_format == "fp8" else None,
+        )
+    if recipe.shapes.static:
+        raise RecipeError(f"quantization with shapes.static is not supported by the {recipe.target} target yet",
+                          hint="set shapes.static: false, or quantization.weight_format: none")
+
+
 def with_default_thresholds(recipe: Recipe) -> Recipe:
     """The recipe with per-format validation thresholds for those the user did not set."""
     defaults = DEFAULT_THRESHOLDS.get(recipe.quantization.weight_format)

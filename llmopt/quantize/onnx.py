@@ -45,7 +45,7 @@ from llmopt import events
 from llmopt._deps import require
 from llmopt.errors import RecipeError
 from llmopt.exporters.base import ExportResult
-from llmopt.quantize import calibration, check_source, dividing_group_sizes, matmul_input_sizes, fp_recipe, read_config
+from llmopt.quantize import calibration, check_format_and_shapes, check_source, dividing_group_sizes, matmul_input_sizes, fp_recipe, read_config
 from llmopt.recipe import Recipe
 
 MODEL_FILE = "model.onnx"
@@ -78,12 +78,7 @@ def check(recipe: Recipe) -> None:
     q = recipe.quantization
     if not q.enabled:
         return
-    if q.weight_format not in FORMATS:
-        raise RecipeError(
-            f"quantization.weight_format '{q.weight_format}' is not supported by the onnx target: onnxruntime's "
-            f"CPU provider has no {q.weight_format} MatMul; accepted: {', '.join(FORMATS)}",
-            hint="fp8 weights need a GPU target (tensorrt)" if q.weight_format == "fp8" else None,
-        )
+    check_format_and_shapes(recipe, FORMATS, f": onnxruntime's CPU provider has no {q.weight_format} MatMul")
     if recipe.onnx.provider != "cpu":
         raise RecipeError(
             f"quantization with onnx.provider '{recipe.onnx.provider}' is not supported by llmopt yet; accepted: cpu",
@@ -95,9 +90,6 @@ def check(recipe: Recipe) -> None:
             "graph; accepted: fp32",
             hint="set precision.dtype: fp32 (the activations of MatMulNBits on CPU are fp32 anyway)",
         )
-    if recipe.shapes.static:
-        raise RecipeError("quantization with shapes.static is not supported by the onnx target yet",
-                          hint="set shapes.static: false, or quantization.weight_format: none")
     if q.algorithm not in ALGORITHMS:
         why = {
             "hqq": "HQQ writes float zero points, which onnxruntime's MatMulNBits runs on its slow path "

@@ -34,7 +34,7 @@ from llmopt import events
 from llmopt._deps import require
 from llmopt.errors import RecipeError
 from llmopt.exporters.base import ExportResult
-from llmopt.quantize import calibration, check_source, choose_group_size, matmul_input_sizes, fp_recipe, read_config
+from llmopt.quantize import calibration, check_format_and_shapes, check_source, choose_group_size, matmul_input_sizes, fp_recipe, read_config
 from llmopt.recipe import Recipe
 
 MODEL_FILE = "openvino_model.xml"
@@ -59,6 +59,16 @@ DECODE_STEPS = 3  # one-token steps after each prefill, fed the text's next toke
 # -- pure: check and plan ---------------------------------------------------------------------
 
 
+def int4_ratio(q) -> float:
+    """Share of the layers in int4 (NNCF's ``ratio``); unset means all of them."""
+    return 1.0 if q.ratio is None else q.ratio
+
+
+def mixed_precision(q) -> bool:
+    """Whether some layers stay int8 (a ratio below 1)."""
+    return int4_ratio(q) != 1.0
+
+
 def method_of(recipe: Recipe) -> str:
     """``hqq`` or ``nncf`` for the recipe's quantization section."""
     q = recipe.quantization
@@ -69,7 +79,7 @@ def method_of(recipe: Recipe) -> str:
     explicit = q.model_fields_set
     asks_nncf = (
         ("awq" in explicit and q.awq) or ("scale_estimation" in explicit and q.scale_estimation)
-        or q.dataset is not None or q.sensitivity_metric is not None or q.ratio not in (None, 1.0) or q.symmetric
+        or q.dataset is not None or q.sensitivity_metric is not None or mixed_precision(q) or q.symmetric
     )
     return "nncf" if asks_nncf else "hqq"
 
@@ -79,15 +89,7 @@ def check(recipe: Recipe) -> None:
     q = recipe.quantization
     if not q.enabled:
         return
-    if q.weight_format not in FORMATS:
-        raise RecipeError(
-            f"quantization.weight_format '{q.weight_format}' is not supported by the openvino target on "
-            f"{recipe.openvino.device}; accepted: {', '.join(FORMATS)}",
-            hint="fp8 weights need a GPU target (tensorrt)" if q.weight_format == "fp8" else None,
-        )
-    if recipe.shapes.static:
-        raise RecipeError("quantization with shapes.static is not supported by the openvino target yet",
-                          hint="set shapes.static: false, or quantization.weight_format: none")
+    check_format_and_shapes(recipe, FORMATS, f" on {recipe.openvino.device}")
     if q.algorithm not in ALGORITHMS:
         raise RecipeError(f"quantization.algorithm '{q.algorithm}' is not supported by the openvino target; "
                           f"accepted: {', '.join(ALGORITHMS)}")
@@ -113,7 +115,7 @@ def _first_given(options: dict[str, bool]) -> str | None:
 def _check_int8(recipe: Recipe) -> None:
     q = recipe.quantization
     given = _first_given({
-        "group_size": q.group_size not in (None, -1), "ratio": q.ratio not in (None, 1.0), "awq": q.awq,
+        "group_size": q.group_size not in (None, -1), "ratio": mixed_precision(q), "awq": q.awq,
         "scale_estimation": q.scale_estimation, "algorithm": q.algorithm not in ("auto", "rtn"),
         "sensitivity_metric": q.sensitivity_metric is not None, "all_layers": q.all_layers,
         "dataset": q.dataset is not None,
@@ -129,7 +131,7 @@ def _check_hqq(recipe: Recipe) -> None:
         raise RecipeError("quantization algorithm 'hqq' reads fp32 or fp16 weights; precision.dtype 'bf16' is not "
                           "supported with it; accepted: fp32, fp16", hint="or set quantization.algorithm: awq (NNCF)")
     given = _first_given({
-        "symmetric": bool(q.symmetric), "ratio": q.ratio not in (None, 1.0), "awq": q.awq, "scale_estimation": q.scale_estimation,
+        "symmetric": bool(q.symmetric), "ratio": mixed_precision(q), "awq": q.awq, "scale_estimation": q.scale_estimation,
         "dataset": q.dataset is not None, "sensitivity_metric": q.sensitivity_metric is not None,
     })
     if given:
@@ -143,7 +145,7 @@ def _check_nncf_int4(recipe: Recipe) -> None:
         flag = "awq" if q.awq else "scale_estimation"
         raise RecipeError(f"quantization.{flag} contradicts quantization.algorithm 'rtn' (data-free round-to-nearest)",
                           hint=f"set quantization.algorithm: auto, or remove quantization.{flag}")
-    if q.sensitivity_metric is not None and q.ratio in (None, 1.0):
+    if q.sensitivity_metric is not None and not mixed_precision(q):
         raise RecipeError("quantization.sensitivity_metric ranks layers for mixed precision: it needs quantization.ratio < 1",
                           hint="e.g. quantization.ratio: 0.8 (80% of layers in int4, the rest int8)")
 
@@ -159,7 +161,7 @@ def compression_arguments(recipe: Recipe, group_size: int | str = "<chosen at ex
     if q.weight_format == "int8":
         return arguments
     awq, scale_estimation, gptq = nncf_algorithms(recipe)
-    arguments.update(group_size=group_size, ratio=1.0 if q.ratio is None else q.ratio, all_layers=q.all_layers,
+    arguments.update(group_size=group_size, ratio=int4_ratio(q), all_layers=q.all_layers,
                      awq=awq, scale_estimation=scale_estimation, gptq=gptq)
     if q.sensitivity_metric is not None:
         arguments["sensitivity_metric"] = q.sensitivity_metric

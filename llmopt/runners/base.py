@@ -155,6 +155,13 @@ class Runner(ABC):
     def _apply_speculation(self, speculation: Speculation | None) -> None:
         """Runner-specific part of ``set_speculation``; only called with a supported method."""
 
+    def check_draft_tokenizer(self, draft: Path) -> None:
+        """A draft proposes token ids, so it must share this model's vocabulary exactly."""
+        from transformers import AutoTokenizer
+
+        if AutoTokenizer.from_pretrained(draft).get_vocab() != self.tokenizer.get_vocab():
+            raise UsageError(f"draft model '{draft}' has another tokenizer than '{self.path}'; a draft must share it")
+
     @abstractmethod
     def generate(self, batch: list[list[int]], sampling: SamplingConfig, on_token: TokenCallback | None = None) -> BatchOutput:
         """Generate for exactly ``batch_size`` prompts of token ids."""

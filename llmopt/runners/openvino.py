@@ -199,10 +199,7 @@ def check_draft_artifact(draft: Path, runner: OpenVINORunner) -> None:
     if manifest.sequence_length < runner.sequence_length:
         raise UsageError(f"draft model '{draft}' holds {manifest.sequence_length} tokens, fewer than the "
                          f"{runner.sequence_length} of '{runner.path}'")
-    from transformers import AutoTokenizer
-
-    if AutoTokenizer.from_pretrained(draft).get_vocab() != runner.tokenizer.get_vocab():
-        raise UsageError(f"draft model '{draft}' has another tokenizer than '{runner.path}'; a draft must share it")
+    runner.check_draft_tokenizer(draft)
 
 
 @functools.cache

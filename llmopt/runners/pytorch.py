@@ -97,13 +97,12 @@ class PyTorchRunner(Runner):
             self._draft_model = self._load_draft(Path(speculation.draft))
 
     def _load_draft(self, path: Path):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM
 
         if not (path / "config.json").is_file():
             raise UsageError(f"draft model '{path}' is not a checkpoint directory (no config.json); the pytorch "
                              "runner drafts with a Hugging Face checkpoint sharing the model's tokenizer")
-        if AutoTokenizer.from_pretrained(path).get_vocab() != self.tokenizer.get_vocab():
-            raise UsageError(f"draft model '{path}' has another tokenizer than '{self.path}'; a draft must share it")
+        self.check_draft_tokenizer(path)
         return AutoModelForCausalLM.from_pretrained(
             path, dtype=getattr(self.torch, TORCH_DTYPES[self.dtype]), attn_implementation="sdpa").eval()
 
