@@ -194,7 +194,8 @@ def check_draft_artifact(draft: Path, runner: OpenVINORunner) -> None:
                          "runner drafts with another openvino artifact of the same checkpoint (e.g. its int4 build)")
     manifest = artifact.load(draft, verify=False)
     if manifest.target != "openvino" or manifest.static:
-        raise UsageError(f"draft model '{draft}' is a {manifest.target}{' static' if manifest.static else ''} artifact; "
+        kind = f"target {manifest.target}" + (", static shapes" if manifest.static else "")
+        raise UsageError(f"draft model '{draft}' is an artifact of {kind}; "
                          "the openvino runner drafts with a (dynamic-shape) openvino artifact")
     if manifest.sequence_length < runner.sequence_length:
         raise UsageError(f"draft model '{draft}' holds {manifest.sequence_length} tokens, fewer than the "
