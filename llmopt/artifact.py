@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from packaging.version import InvalidVersion, Version
+
 from llmopt import __version__
 from llmopt.errors import ArtifactError, UsageError
 
@@ -222,11 +224,11 @@ def load(path: str | Path, verify: bool = True) -> Manifest:
 
 
 def _major_minor(version: str) -> tuple[int, ...]:
-    parts = []
-    for piece in version.split(".")[:2]:
-        digits = "".join(ch for ch in piece if ch.isdigit())
-        parts.append(int(digits) if digits else 0)
-    return tuple(parts)
+    """'2026.4.1' -> (2026, 4); () for a version that does not parse (older than any)."""
+    try:
+        return Version(version).release[:2]
+    except InvalidVersion:
+        return ()
 
 
 def check_backend_versions(path: Path, manifest: Manifest, installed: dict[str, str | None], extra: str) -> None:

@@ -11,16 +11,20 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
+from packaging.version import InvalidVersion, Version
+
 from llmopt import __version__, artifact
 from llmopt._deps import install_hint, version_of
 from llmopt.errors import ArtifactError, LlmoptError
+from llmopt.hardware import cpu_description
 from llmopt.registry import TARGETS, runner_class
 
 # The extras shown by doctor: the PyTorch baseline, every target, and the ONNX GPU flavour.
@@ -31,7 +35,7 @@ EXTRAS: tuple[str, ...] = ("pytorch", *TARGETS, "gpu")
 # listed distributions are installed at different year.minor releases.
 KNOWN_BAD: list[dict[str, Any]] = [
     {
-        "when": {"transformers": ">=5", "optimum-onnx": "<0.2"},
+        "when": {"transformers": ">=5.0.0.dev0", "optimum-onnx": "<0.2"},
         "why": "optimum-onnx 0.1.x uses transformers APIs that transformers 5 removed; ONNX export fails",
         "fix": "pip install 'transformers<5'",
     },
@@ -63,58 +67,44 @@ CPU_FLAGS = (
 # -- versions ---------------------------------------------------------------------------------
 
 
-def _release(version: str) -> tuple[int, ...]:
-    """The numeric release of a version string: '2.13.0+cpu' -> (2, 13, 0), '5.0.0rc1' -> (5, 0, 0)."""
-    match = re.match(r"\d+(\.\d+)*", version.strip())
-    return tuple(int(part) for part in match.group(0).split(".")) if match else ()
-
-
 def satisfies(version: str, specifier: str) -> bool:
-    """Whether ``version`` is in a comma-separated range like '>=4.51,<5' (release numbers only)."""
-    have = _release(version)
-    for clause in filter(None, (part.strip() for part in specifier.split(","))):
-        op, bound = re.match(r"(==|!=|>=|<=|>|<|~=)?\s*(.*)", clause).groups()
-        want = _release(bound)
-        width = max(len(have), len(want))
-        left, right = have + (0,) * (width - len(have)), want + (0,) * (width - len(want))
-        ok = {
-            None: left == right, "==": left == right, "!=": left != right, ">=": left >= right,
-            "<=": left <= right, ">": left > right, "<": left < right,
-            "~=": left >= right and have[: len(want) - 1] == want[: len(want) - 1],
-        }[op]
-        if not ok:
-            return False
-    return True
+    """Whether ``version`` is in a PEP 440 range like '>=4.51,<5' (pre-releases count; an unparsable version does not)."""
+    try:
+        return SpecifierSet(specifier).contains(Version(version), prereleases=True)
+    except InvalidVersion:
+        return False
 
 
-_REQUIREMENT = re.compile(r'^\s*([A-Za-z0-9._-]+)\s*(?:\[([^\]]*)\])?\s*([^;]*?)\s*(?:;\s*extra\s*==\s*"([^"]+)")?\s*$')
+def release(version: str) -> tuple[int, ...]:
+    """The release numbers of a version: '2026.4.1.0' -> (2026, 4, 1, 0); () when it does not parse."""
+    try:
+        return Version(version).release
+    except InvalidVersion:
+        return ()
 
 
 def extras_requirements() -> dict[str, list[tuple[str, str]]]:
     """llmopt's extras from its package metadata: extra -> [(distribution, version range)]."""
     try:
-        lines = importlib.metadata.requires("llmopt") or []
+        metadata = importlib.metadata.metadata("llmopt")
     except importlib.metadata.PackageNotFoundError:
         return {}
-    direct: dict[str, list[tuple[str, str, str]]] = {}
-    for line in lines:
-        match = _REQUIREMENT.match(line)
-        if match and match.group(4):
-            name, inner, spec, extra = match.groups()
-            direct.setdefault(extra, []).append((name, inner or "", spec))
+    extras = metadata.get_all("Provides-Extra") or []
+    requirements = [Requirement(line) for line in metadata.get_all("Requires-Dist") or []]
 
     def expand(extra: str, seen: frozenset[str]) -> list[tuple[str, str]]:
         result = []
-        for name, inner, spec in direct.get(extra, []):
-            if name == "llmopt":  # 'llmopt[pytorch]' inside another extra
-                for nested in inner.split(","):
-                    if nested.strip() and nested.strip() not in seen:
-                        result += expand(nested.strip(), seen | {extra})
+        for requirement in requirements:
+            if requirement.marker is None or not requirement.marker.evaluate({"extra": extra}):
+                continue
+            if requirement.name == "llmopt":  # 'llmopt[pytorch]' inside another extra
+                for nested in sorted(requirement.extras - seen - {extra}):
+                    result += expand(nested, seen | {extra})
             else:
-                result.append((name, spec))
+                result.append((requirement.name, str(requirement.specifier)))
         return result
 
-    return {extra: expand(extra, frozenset()) for extra in direct}
+    return {extra: expand(extra, frozenset()) for extra in extras}
 
 
 def target_status(extra: str, requirements: list[tuple[str, str]]) -> dict[str, Any]:
@@ -148,7 +138,7 @@ def known_bad_combinations(versions: dict[str, str | None] | None = None) -> lis
                 found.append({"packages": have, "why": row["why"], "fix": row["fix"]})
         else:
             have = {name: installed(name) for name in row["same_release"]}
-            releases = {_release(v)[:2] for v in have.values() if v is not None}
+            releases = {release(v)[:2] for v in have.values() if v is not None}
             if len(releases) > 1:
                 found.append({"packages": {n: v for n, v in have.items() if v}, "why": row["why"], "fix": row["fix"]})
     return found
@@ -158,18 +148,7 @@ def known_bad_combinations(versions: dict[str, str | None] | None = None) -> lis
 
 
 def cpu_info() -> dict[str, Any]:
-    model, flags = platform.processor() or platform.machine(), set()
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        text = ""
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        key = key.strip().lower()
-        if key in ("model name", "hardware", "cpu model") and value.strip():
-            model = value.strip()
-        elif key in ("flags", "features"):
-            flags.update(value.split())
+    model, flags = cpu_description()
     try:
         import psutil
 
@@ -177,7 +156,7 @@ def cpu_info() -> dict[str, Any]:
     except Exception:  # psutil is a dependency, but doctor must still print on a broken install
         physical, memory = None, None
     return {
-        "model": model,
+        "model": model or platform.processor() or platform.machine(),
         "machine": platform.machine(),
         "physical_cores": physical,
         "logical_cores": os.cpu_count(),
@@ -246,16 +225,16 @@ def check_artifact(path: str | Path, run: bool = False, max_new_tokens: int = 4)
         },
     }
     if run:
-        result["generated"] = _generate_a_few(path, max_new_tokens)
+        result["generated"] = _generate_a_few(runner, path, max_new_tokens)
     return result
 
 
-def _generate_a_few(path: Path, max_new_tokens: int) -> dict[str, Any]:
-    from llmopt import api, generation
+def _generate_a_few(runner_type, path: Path, max_new_tokens: int) -> dict[str, Any]:
+    from llmopt import generation
     from llmopt.runners.base import SamplingConfig
 
     try:
-        runner = api.open_runner(path, verify=False)  # check_artifact has just verified it
+        runner = runner_type.load(path, verify=False)  # check_artifact has just verified it
         try:
             output = generation.generate(runner, [VERIFY_PROMPT], SamplingConfig(max_new_tokens=max_new_tokens), chat=False)[0]
         finally:

@@ -225,3 +225,21 @@ def neuron_device_present() -> bool:
     except (OSError, subprocess.SubprocessError):
         return False
     return completed.returncode == 0 and "neuron_device" in completed.stdout
+
+
+def cpu_description() -> tuple[str | None, set[str]]:
+    """The CPU's model name and feature flags from ``/proc/cpuinfo``; (None, empty set) where there is none."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+    except OSError:
+        return None, set()
+    model, flags = None, set()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if key in ("model name", "hardware", "cpu model") and value.strip():  # x86, arm64 boards, others
+            model = value.strip()
+        elif key in ("flags", "features"):
+            flags.update(value.split())
+    return model, flags

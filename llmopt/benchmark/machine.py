@@ -13,6 +13,7 @@ import psutil
 
 from llmopt import __version__
 from llmopt._deps import version_of
+from llmopt.hardware import cpu_description
 
 LIBRARIES = ("numpy", "torch", "transformers", "optimum", "optimum-intel", "optimum-onnx", "onnxruntime",
              "onnxruntime-genai", "openvino", "openvino-genai", "nncf", "llama_cpp_python")
@@ -20,20 +21,11 @@ CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_t
 
 
 def cpu_model() -> str:
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        match = re.search(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(errors="replace"), re.MULTILINE)
-        if match:
-            return match.group(1).strip()
-    return platform.processor() or platform.machine()
+    return cpu_description()[0] or platform.processor() or platform.machine()
 
 
 def cpu_flags() -> list[str]:
-    cpuinfo = Path("/proc/cpuinfo")
-    if not cpuinfo.is_file():
-        return []
-    match = re.search(r"^flags\s*:\s*(.+)$", cpuinfo.read_text(errors="replace"), re.MULTILINE)
-    present = set(match.group(1).split()) if match else set()
+    present = cpu_description()[1]
     return [flag for flag in CPU_FLAGS if flag in present]
 
 
