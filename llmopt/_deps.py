@@ -50,3 +50,15 @@ def version_of(distribution: str) -> str | None:
         except importlib.metadata.PackageNotFoundError:
             continue
     return None
+
+
+def dtype_keyword() -> str:
+    """The ``from_pretrained`` keyword for the weights' dtype in the installed transformers.
+
+    transformers 4.56 renamed ``torch_dtype`` to ``dtype``; before it, ``dtype`` is passed on to the
+    model's constructor, which rejects it (TensorRT-LLM's own environments pin such releases).
+    """
+    from packaging.version import Version
+
+    installed = version_of("transformers")
+    return "dtype" if installed is None or Version(installed) >= Version("4.56") else "torch_dtype"

@@ -135,7 +135,7 @@ def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bo
     with events.step("resolve", f"resolving model {recipe.model.id}"):
         checkpoint = sources.resolve_model(recipe.model.id, recipe.model.revision, recipe.model.trust_remote_code)
         sources.check_architecture(checkpoint)
-    validated = validate and recipe.validation.enabled and exporter.runs_on_host
+    validated = validate and recipe.validation.enabled and exporter.validates_here(recipe)
     store = cache.ArtifactCache(cache_dir) if cache_dir is not None else None
     key = store.key(recipe, checkpoint, exporter.backend_distributions, validated) if store else None
     with no_space_errors(output):
@@ -268,7 +268,7 @@ def _quantize_artifact(source: Path, output: Path, overrides: dict[str, Any], fo
             result = backend.requantize(source, source_manifest, recipe, workdir)
         manifest = new_manifest(recipe, exporter, Path(source_manifest.source.get("checkpoint") or source), result)
         manifest.source["artifact"] = str(source)
-        if validate and recipe.validation.enabled and exporter.runs_on_host:
+        if validate and recipe.validation.enabled and exporter.validates_here(recipe):
             with events.step("validate", "comparing with the fp artifact (teacher-forced)") as fields:
                 manifest.validation = validate_against_artifact(recipe, source, source_manifest, workdir, manifest)
                 fields.update(manifest.validation)

@@ -64,6 +64,13 @@ NEURON_INSTANCES: dict[str, NeuronInstance] = {
     )
 }
 
+# optimum-neuron samples on the device, where only greedy and temperature / top-k / top-p exist:
+# a repetition penalty would be silently ignored, so the recipe field and the run flag are refused.
+REPETITION_PENALTY_REFUSED = (
+    "{where}: a repetition penalty is not available on the neuron target (optimum-neuron samples on the "
+    "device with temperature, top_k and top_p only, and ignores it); leave it at 1.0"
+)
+
 # A NeuronCore-v2 (Inf2, Trn1) addresses half of its chip's 32 GiB: the unit of the memory check
 # when the recipe names no instance.
 NEURON_CORE_V2_MEMORY_BYTES = 16 * GIB

@@ -211,14 +211,14 @@ def quantize_checkpoint(
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from llmopt._deps import version_of
+    from llmopt._deps import dtype_keyword, version_of
 
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     # fp32 on the CPU: half-precision matmuls there are slow or missing; the export casts to ``dtype``.
     load_dtype = torch.float32 if device == "cpu" else getattr(torch, TORCH_DTYPES[dtype])
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=load_dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, **{dtype_keyword(): load_dtype}).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     if algo == "w4a16_awq":
         block_size = pick_block_size(matmul_in_features(model), block_size)

@@ -39,15 +39,6 @@ def pytorch_artifact(checkpoint: Path, output: Path, sequence_length: int = 32) 
     return output
 
 
-def has_exporter(target: str) -> bool:
-    return (ROOT / "llmopt" / "exporters" / f"{target}.py").is_file()
-
-
-def require_exporter(target: str = "onnx") -> None:
-    if not has_exporter(target):
-        pytest.skip(f"llmopt/exporters/{target}.py is not there yet")
-
-
 def onnx_recipe(checkpoint: Path, sequence_length: int = 32, **extra) -> Recipe:
     data = {"model": {"id": str(checkpoint)}, "target": "onnx", "shapes": {"sequence_length": sequence_length}}
     data.update(extra)
@@ -56,7 +47,6 @@ def onnx_recipe(checkpoint: Path, sequence_length: int = 32, **extra) -> Recipe:
 
 def exported_onnx(checkpoint: Path, tmp_path_factory, sequence_length: int = 32) -> Path:
     """The tiny model exported to ONNX once per session (validated, no cache)."""
-    require_exporter("onnx")
     key = (str(checkpoint), sequence_length)
     if key not in _EXPORTED:
         output = tmp_path_factory.mktemp("onnx-artifact") / f"tiny-onnx-{sequence_length}"

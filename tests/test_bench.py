@@ -16,7 +16,7 @@ from llmopt.benchmark import BenchConfig, parse_baselines, prompts, report, stat
 from llmopt.cli.main import main
 from llmopt.errors import UsageError
 
-from tests._hardening import exported_onnx, pytorch_artifact, require_exporter
+from tests._hardening import exported_onnx, pytorch_artifact
 from tests.conftest import build_untied_llama
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -271,7 +271,6 @@ def onnx_artifact(tiny_llama, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def openvino_artifact(tiny_llama, tmp_path_factory) -> Path:
     pytest.importorskip("openvino_genai", reason="pip install 'llmopt[openvino]'")
-    require_exporter("openvino")
     from llmopt import api
     from llmopt.recipe import Recipe
 

@@ -17,7 +17,7 @@ from llmopt.cache import ArtifactCache
 from llmopt.cli.main import main
 from llmopt.recipe import Recipe
 
-from tests._hardening import edit_manifest, flip_byte, largest_file, pytorch_artifact, require_exporter, small_tmpfs
+from tests._hardening import edit_manifest, flip_byte, largest_file, pytorch_artifact, small_tmpfs
 
 BACKENDS = ("torch", "transformers")
 
@@ -202,7 +202,6 @@ def _events(stderr):
 
 
 def test_second_export_is_served_from_cache(tiny_llama, tmp_path, capsys):
-    require_exporter("onnx")
     cache_dir = tmp_path / "cache"
     assert _export(tiny_llama, tmp_path / "a", "--cache-dir", str(cache_dir)) == 0
     first = json.loads(capsys.readouterr().out)
@@ -231,7 +230,6 @@ def test_second_export_is_served_from_cache(tiny_llama, tmp_path, capsys):
 
 
 def test_no_cache_and_env_dir(tiny_llama, tmp_path, capsys, monkeypatch):
-    require_exporter("onnx")
     monkeypatch.setenv("LLMOPT_CACHE_DIR", str(tmp_path / "envcache"))
     assert cache.default_dir() == tmp_path / "envcache" / "artifacts"
     assert _export(tiny_llama, tmp_path / "a", "--no-cache") == 0
@@ -243,7 +241,6 @@ def test_no_cache_and_env_dir(tiny_llama, tmp_path, capsys, monkeypatch):
 
 
 def test_changed_source_misses(tiny_llama, tmp_path, capsys):
-    require_exporter("onnx")
     checkpoint = shutil.copytree(tiny_llama, tmp_path / "ckpt")
     cache_dir = tmp_path / "cache"
     assert _export(checkpoint, tmp_path / "a", "--cache-dir", str(cache_dir), "--no-validate") == 0
@@ -258,7 +255,6 @@ def test_changed_source_misses(tiny_llama, tmp_path, capsys):
 def test_hit_from_another_path_records_this_source(tiny_llama, tmp_path, capsys):
     """The key is the content, not the path: a copy of the checkpoint hits, and the restored
     manifest names the copy (the bench finds its baseline checkpoint there)."""
-    require_exporter("onnx")
     cache_dir = tmp_path / "cache"
     assert _export(tiny_llama, tmp_path / "a", "--cache-dir", str(cache_dir), "--no-validate") == 0
     first = json.loads(capsys.readouterr().out)
@@ -274,7 +270,6 @@ def test_hit_from_another_path_records_this_source(tiny_llama, tmp_path, capsys)
 
 def test_two_jobs_share_a_cache(tiny_llama, tmp_path):
     """Two CI jobs at once, one cache directory: both succeed and leave one intact entry."""
-    require_exporter("onnx")
     cache_dir = tmp_path / "cache"
     code = "import sys; from llmopt.cli.main import main; sys.exit(main(sys.argv[1:]))"
     jobs = [

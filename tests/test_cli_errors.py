@@ -11,7 +11,7 @@ import pytest
 from llmopt.cli.main import main
 
 from tests._hardening import (assert_one_line_error, copy_artifact, edit_manifest, exported_onnx, flip_byte,
-                              has_exporter, largest_file, llmopt_subprocess, pytorch_artifact)
+                              largest_file, llmopt_subprocess, pytorch_artifact)
 from tests.conftest import write_recipe
 
 # The top-level modules each target's extra installs; hiding them is how Python reports them missing.
@@ -62,8 +62,6 @@ def test_unsupported_architecture(capsys, tmp_path):
 
 @pytest.mark.parametrize("target", sorted(TARGET_MODULES))
 def test_target_not_installed(capsys, tmp_path, tiny_llama, monkeypatch, target):
-    if not has_exporter(target):
-        pytest.skip(f"llmopt/exporters/{target}.py is not there yet")
     for module in TARGET_MODULES[target]:
         monkeypatch.setitem(sys.modules, module, None)  # what Python does for a module that is not installed
     code, _, err = cli(capsys, "export", "-m", str(tiny_llama), "-t", target, "-o", str(tmp_path / "out"))
@@ -78,8 +76,6 @@ def test_target_not_installed(capsys, tmp_path, tiny_llama, monkeypatch, target)
 def test_hardware_target_really_missing(capsys, tmp_path, tiny_llama, target, hint):
     from llmopt._deps import version_of
 
-    if not has_exporter(target):
-        pytest.skip(f"llmopt/exporters/{target}.py is not there yet")
     if version_of("optimum-neuron" if target == "neuron" else "tensorrt-llm"):
         pytest.skip(f"{target} is installed here")
     line = fails(capsys, 1, "export", "-m", str(tiny_llama), "-t", target, "-o", str(tmp_path / "out"))
@@ -240,9 +236,6 @@ def test_debug_shows_traceback(tmp_path):
 def test_json_log_format_on_a_real_export(tiny_llama, tmp_path):
     """--log-format json: stderr is one JSON object per line (resolve, export, validate, write with
     timings); stdout holds only the result. --quiet leaves stderr empty."""
-    from tests._hardening import require_exporter
-
-    require_exporter("onnx")
     args = ["export", "-m", str(tiny_llama), "-t", "onnx", "--sequence-length", "32", "--no-cache"]
     result = llmopt_subprocess(["--log-format", "json", *args, "-o", str(tmp_path / "a"), "--json"])
     assert result.returncode == 0, result.stderr

@@ -23,7 +23,7 @@ from llmopt import artifact
 from llmopt.cli.main import main
 
 from tests._hardening import (ROOT, assert_one_line_error, copy_artifact, edit_manifest, exported_onnx, flip_byte,
-                              largest_file, llmopt_subprocess, require_exporter, small_tmpfs)
+                              largest_file, llmopt_subprocess, small_tmpfs)
 
 pytestmark = pytest.mark.fault
 
@@ -129,7 +129,6 @@ KILL_CASES = [(point, "fresh") for point in KILL_POINTS] + [
 
 @pytest.mark.parametrize("point, mode", KILL_CASES, ids=[f"{p}-{m}" for p, m in KILL_CASES])
 def test_kill_leaves_old_or_nothing(point, mode, tiny_llama, tmp_path, old_artifact, warm_cache):
-    require_exporter("onnx")
     hook, cache_use = KILL_POINTS[point]
     output = tmp_path / "out"
     force = ["--force"] if mode == "replace" else []
@@ -171,7 +170,6 @@ def test_kill_leaves_old_or_nothing(point, mode, tiny_llama, tmp_path, old_artif
 
 def test_two_exports_to_one_output(tiny_llama, tmp_path, old_artifact):
     """Started together, no --force: one wins, the other fails cleanly (exit 2), the output is valid."""
-    require_exporter("onnx")
     output = tmp_path / "out"
     jobs = [subprocess.Popen([sys.executable, "-c", CODE, "-q", *_export_args(tiny_llama, output, "--no-cache")],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(tmp_path), cwd=ROOT)
@@ -195,7 +193,6 @@ def small_disk(tmp_path):
 
 
 def test_full_disk_is_one_line_and_leaves_nothing(tiny_llama, tmp_path, small_disk, old_artifact):
-    require_exporter("onnx")
     output = small_disk / "out"
     result = llmopt_subprocess(["-q", *_export_args(tiny_llama, output, "--no-cache")], env=_env(tmp_path))
     assert result.returncode == 1, result.stderr
@@ -205,7 +202,6 @@ def test_full_disk_is_one_line_and_leaves_nothing(tiny_llama, tmp_path, small_di
 
 
 def test_full_cache_disk_does_not_fail_the_export(tiny_llama, tmp_path, small_disk, old_artifact):
-    require_exporter("onnx")
     output = tmp_path / "out"
     result = llmopt_subprocess(_export_args(tiny_llama, output, "--cache-dir", str(small_disk / "cache"), "--no-validate"),
                                env=_env(tmp_path))

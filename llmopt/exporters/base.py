@@ -26,8 +26,10 @@ class Exporter(ABC):
     target: ClassVar[str]
     extra: ClassVar[str]  # the pip extra that installs this target
     backend_distributions: ClassVar[tuple[str, ...]] = ()
-    # Whether this machine can run what this target builds, so export can validate it against PyTorch.
-    runs_on_host: ClassVar[bool] = True
+
+    def validates_here(self, recipe: Recipe) -> bool:
+        """Whether the export host can run the artifact's teacher-forced parity check against PyTorch."""
+        return True
 
     def check(self, recipe: Recipe) -> None:
         """Raise RecipeError for a value this target cannot honour. Pure: no imports, no disk."""

@@ -37,7 +37,7 @@ from llmopt import events, memory
 from llmopt._deps import install_hint, version_of
 from llmopt.errors import MissingDependencyError, RecipeError
 from llmopt.exporters.base import Exporter, ExportResult
-from llmopt.hardware import NEURON_CORE_V2_MEMORY_BYTES, NeuronInstance, neuron_device_present, neuron_instance
+from llmopt.hardware import NEURON_CORE_V2_MEMORY_BYTES, REPETITION_PENALTY_REFUSED, NeuronInstance, neuron_device_present, neuron_instance
 from llmopt.recipe import Recipe
 
 GUIDE_URL = "https://huggingface.co/blog/inferentia-llama2"
@@ -105,7 +105,9 @@ class NeuronExporter(Exporter):
     target = "neuron"
     extra = "neuron"
     backend_distributions = ("optimum-neuron", "neuronx-cc", "torch-neuronx", "neuronx-distributed", "transformers")
-    runs_on_host = False  # needs NeuronCores: never validated against PyTorch on the export host
+
+    def validates_here(self, recipe: Recipe) -> bool:
+        return False  # on-device sampling returns tokens, not the logits the parity check compares
 
     # ----------------------------------------------------------------------------- pure checks
 
@@ -128,6 +130,8 @@ class NeuronExporter(Exporter):
                 f"recipe field 'quantization.kv_cache': {quantization.kv_cache} is not available on the neuron target; "
                 "the KV cache takes precision.dtype (leave it auto)"
             )
+        if recipe.generation.repetition_penalty != 1.0:
+            raise RecipeError(REPETITION_PENALTY_REFUSED.format(where="recipe field 'generation.repetition_penalty'"))
         cores, instance = resolve_cores(recipe)
         if instance is not None and cores > instance.neuron_cores:
             field = "neuron.tensor_parallel_size" if recipe.neuron.tensor_parallel_size else "neuron.num_cores"

@@ -37,6 +37,7 @@ from llmopt import events, memory
 from llmopt._deps import install_hint, version_of
 from llmopt.errors import MissingDependencyError, RecipeError, UsageError
 from llmopt.exporters.base import Exporter, ExportResult
+from llmopt.gpu import gpu_record, installed_tensorrt_version
 from llmopt.hardware import DetectedGpu, GpuSpec, detect_gpus, gpu_spec, sm_architecture
 from llmopt.recipe import Recipe
 
@@ -136,7 +137,10 @@ class TensorRTExporter(Exporter):
     target = "tensorrt"
     extra = "tensorrt"
     backend_distributions = ("tensorrt_llm", "tensorrt", "nvidia-modelopt", "transformers", "torch")
-    runs_on_host = False  # engines need the GPU they were built on: validated there, not on the export host
+
+    def validates_here(self, recipe: Recipe) -> bool:
+        # The build host has the GPU the engine runs on; teacher forcing needs the engine's prompt logits.
+        return recipe.tensorrt.gather_context_logits
 
     # ----------------------------------------------------------------------------- pure checks
 
@@ -314,9 +318,7 @@ class TensorRTExporter(Exporter):
             runtime={
                 "loader": "tensorrt_llm.LLM",
                 "engine_dir": ENGINE_DIR,
-                "gpu": None if gpu is None else {
-                    "name": gpu.name, "sm": gpu.sm, "architecture": gpu.architecture, "memory_bytes": gpu.memory_bytes,
-                },
+                "gpu": None if gpu is None else gpu_record(gpu),
                 "versions": versions,
                 "tensor_parallel_size": recipe.tensorrt.tensor_parallel_size,
                 "dtype": plan["llm"]["dtype"],
@@ -332,15 +334,6 @@ def _module_available(name: str) -> bool:
         return importlib.util.find_spec(name) is not None
     except (ImportError, ValueError):
         return False
-
-
-def llm_class():
-    """The engine-building LLM: ``_tensorrt_engine.LLM`` on tensorrt-llm>=1.0, ``tensorrt_llm.LLM`` before."""
-    try:
-        from tensorrt_llm._tensorrt_engine import LLM  # noqa: PLC0415
-    except ImportError:
-        from tensorrt_llm import LLM  # noqa: PLC0415
-    return LLM
 
 
 def build_engine(checkpoint: Path, engine_dir: Path, plan: dict[str, Any]) -> None:
@@ -360,7 +353,9 @@ def build_engine(checkpoint: Path, engine_dir: Path, plan: dict[str, Any]) -> No
             kv_cache_quant_algo=getattr(QuantAlgo, quant_config["kv_cache_quant_algo"])
             if quant_config["kv_cache_quant_algo"] else None,
         )
-    llm = llm_class()(**kwargs)
+    from tensorrt_llm._tensorrt_engine import LLM  # noqa: PLC0415 (the engine backend, TensorRT-LLM 1.0 - 1.2)
+
+    llm = LLM(**kwargs)
     try:
         llm.save(str(engine_dir))
     finally:
@@ -368,18 +363,10 @@ def build_engine(checkpoint: Path, engine_dir: Path, plan: dict[str, Any]) -> No
 
 
 def engine_versions() -> dict[str, str | None]:
-    """The versions an engine is tied to, read from the installed distributions (no import)."""
+    """The versions an engine is tied to (and those that made it), read from the installed distributions."""
     return {
         "tensorrt_llm": version_of("tensorrt_llm"),
         "tensorrt": installed_tensorrt_version(),
         "nvidia-modelopt": version_of("nvidia-modelopt"),
         "torch": version_of("torch"),
     }
-
-
-def installed_tensorrt_version() -> str | None:
-    for name in ("tensorrt", "tensorrt-cu12", "tensorrt-cu12-libs", "tensorrt-cu13", "tensorrt-libs"):
-        found = version_of(name)
-        if found:
-            return found
-    return None

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from llmopt._deps import install_hint
-from llmopt.errors import LlmoptError, MissingDependencyError
-from llmopt.hardware import neuron_device_present
+from llmopt.errors import LlmoptError, MissingDependencyError, UsageError
+from llmopt.hardware import REPETITION_PENALTY_REFUSED, neuron_device_present
 from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, TokenCallback, cut_at_eos
 
 
@@ -82,6 +82,8 @@ class NeuronRunner(Runner):
     def generate(self, batch: list[list[int]], sampling: SamplingConfig, on_token: TokenCallback | None = None) -> BatchOutput:
         from transformers import StoppingCriteriaList
 
+        if sampling.repetition_penalty != 1.0:  # refused, not silently ignored by on-device sampling
+            raise UsageError(REPETITION_PENALTY_REFUSED.format(where="--repetition-penalty"))
         torch = self.torch
         input_ids, attention_mask, pad = self._pad(batch)
         options = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad,
@@ -89,8 +91,6 @@ class NeuronRunner(Runner):
         if not sampling.greedy:
             options.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
             torch.manual_seed(sampling.seed)
-        if sampling.repetition_penalty != 1.0:
-            options["repetition_penalty"] = sampling.repetition_penalty
         clock: dict = {}
         watch = _stopping_criterion(torch, on_token, input_ids.shape[1], clock)
         started = time.perf_counter()

@@ -8,63 +8,46 @@ TensorRT engines are not portable across either, and loading one anyway fails de
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
 import numpy as np
 
 from llmopt import artifact
-from llmopt._deps import install_hint, version_of
+from llmopt._deps import install_hint
 from llmopt.artifact import Manifest
-from llmopt.errors import ArtifactError, MissingDependencyError
-from llmopt.hardware import DetectedGpu, detect_gpus, sm_architecture
+from llmopt.errors import ArtifactError, MissingDependencyError, PromptTooLongError
+from llmopt.gpu import check_compiled_for_this_gpu
+from llmopt.hardware import DetectedGpu
 from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, SequenceOutput, TokenCallback
 
+ENGINE_DIR = "engine"  # where older manifests without runtime.engine_dir keep the engine
 
-def _installed_versions() -> dict[str, str | None]:
-    from llmopt.exporters.tensorrt import installed_tensorrt_version
 
-    return {"tensorrt_llm": version_of("tensorrt_llm"), "tensorrt": installed_tensorrt_version()}
+ENGINE_VERSIONS = ("tensorrt_llm", "tensorrt")  # the distributions an engine is tied to, exactly
 
 
 def check_engine_compatible(path: Path, manifest: Manifest, gpus: list[DetectedGpu] | None = None,
-                            installed: dict[str, str | None] | None = None) -> None:
+                            installed: dict[str, str | None] | None = None) -> DetectedGpu:
     """Refuse, with the reason, an engine this machine cannot run. Imports no NVIDIA library."""
-    runtime = manifest.runtime or {}
-    built_gpu = runtime.get("gpu") or {}
-    gpus = detect_gpus() if gpus is None else gpus
-    if not gpus:
-        raise MissingDependencyError(
-            f"artifact '{path}' is a TensorRT engine and needs an NVIDIA GPU; this machine has none (nvidia-smi finds no GPU)",
-            hint="run it on a machine with the GPU it was built for" + (f" ({built_gpu['name']})" if built_gpu.get("name") else ""),
-        )
-    current = gpus[0]
-    if built_gpu.get("sm") is not None and int(built_gpu["sm"]) != current.sm:
-        built_sm = int(built_gpu["sm"])
-        raise ArtifactError(
-            f"artifact '{path}' is a TensorRT engine built for sm{built_sm} ({sm_architecture(built_sm)}, "
-            f"{built_gpu.get('name', 'unknown GPU')}) but this machine's GPU is {current.name} "
-            f"(sm{current.sm}, {current.architecture}); an engine runs only on the GPU architecture it was built for",
-            hint="re-export it on this machine",
-        )
-    built_versions = runtime.get("versions") or {}
-    have = _installed_versions() if installed is None else installed
-    for name in ("tensorrt_llm", "tensorrt"):
-        built = built_versions.get(name)
-        if built is None:
-            continue
-        if have.get(name) is None:
-            raise MissingDependencyError(
-                f"artifact '{path}' needs {name} {built}, which is not installed",
-                hint=f"install it with: {install_hint('tensorrt')}",
-            )
-        if have[name] != built:
-            raise ArtifactError(
-                f"artifact '{path}' is a TensorRT engine built with {name} {built}; this machine has {have[name]}, "
-                "and engines load only with the exact version that built them",
-                hint=f"install {name}=={built}, or re-export the artifact here",
-            )
+    return check_compiled_for_this_gpu(path, manifest.runtime or {}, extra="tensorrt", tied_to=ENGINE_VERSIONS,
+                                       gpus=gpus, installed=installed)
+
+
+def sampling_options(sampling: SamplingConfig, prompt_length: int, max_seq_len: int, end_id: int | None,
+                     pad_id: int | None, **extra) -> dict:
+    """``SamplingParams`` keywords for one request. Pure, so the keywords are checked against the release.
+
+    TensorRT-LLM rejects a request whose prompt plus ``max_tokens`` exceeds the engine's
+    ``max_seq_len``; like every other runner, generation stops at the artifact's length instead.
+    """
+    options = dict(max_tokens=max(1, min(sampling.max_new_tokens, max_seq_len - prompt_length)),
+                   end_id=end_id, pad_id=pad_id, repetition_penalty=sampling.repetition_penalty, **extra)
+    if sampling.greedy:
+        options.update(top_k=1)
+    else:
+        options.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed)
+    return options
 
 
 class TensorRTRunner(Runner):
@@ -83,10 +66,9 @@ class TensorRTRunner(Runner):
 
     def __init__(self, path: Path, batch_size: int, sequence_length: int, manifest: Manifest | None = None):
         super().__init__(path, batch_size, sequence_length, manifest)
-        from llmopt.exporters.tensorrt import ENGINE_DIR, llm_class
-
         try:
             from tensorrt_llm import SamplingParams
+            from tensorrt_llm._tensorrt_engine import LLM  # the engine backend (TensorRT-LLM 1.0 - 1.2)
         except ImportError as exc:
             raise MissingDependencyError(
                 f"the 'tensorrt' target needs tensorrt_llm, which is not installed ({exc.name})",
@@ -94,9 +76,12 @@ class TensorRTRunner(Runner):
             ) from exc
         runtime = (manifest.runtime if manifest else {}) or {}
         self.SamplingParams = SamplingParams
-        self.gather_context_logits = bool((runtime.get("build_config") or {}).get("gather_context_logits"))
+        build_config = runtime.get("build_config") or {}
+        self.gather_context_logits = bool(build_config.get("gather_context_logits"))
+        self.max_seq_len = int(build_config.get("max_seq_len") or sequence_length)
+        self.max_input_len = int(build_config.get("max_input_len") or self.max_seq_len - 1)
         engine_dir = self.path / runtime.get("engine_dir", ENGINE_DIR)
-        self.llm = llm_class()(
+        self.llm = LLM(
             model=str(engine_dir),
             skip_tokenizer_init=True,  # llmopt tokenizes; the engine sees token ids
             tensor_parallel_size=int(runtime.get("tensor_parallel_size", 1)),
@@ -105,20 +90,17 @@ class TensorRTRunner(Runner):
         pad = self.tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else self.end_id
 
-    def _sampling_params(self, sampling: SamplingConfig, **extra):
-        options = dict(max_tokens=sampling.max_new_tokens, end_id=self.end_id, pad_id=self.pad_id,
-                       repetition_penalty=sampling.repetition_penalty, **extra)
-        if sampling.greedy:
-            options.update(top_k=1)  # greedy
-        else:
-            options.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
-            options["seed"] = sampling.seed
-            options["random_seed"] = sampling.seed  # the name before seed
-        known = {item.name for item in dataclasses.fields(self.SamplingParams)}
-        return self.SamplingParams(**{key: value for key, value in options.items() if key in known})
+    def _params(self, sampling: SamplingConfig, prompt: list[int], **extra):
+        if len(prompt) > self.max_input_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(prompt)} tokens but the engine accepts at most {self.max_input_len} (max_input_len)",
+                hint="re-export with a larger --sequence-length, or shorten the prompt",
+            )
+        return self.SamplingParams(**sampling_options(sampling, len(prompt), self.max_seq_len, self.end_id,
+                                                      self.pad_id, **extra))
 
     def generate(self, batch: list[list[int]], sampling: SamplingConfig, on_token: TokenCallback | None = None) -> BatchOutput:
-        params = self._sampling_params(sampling)
+        params = [self._params(sampling, ids) for ids in batch]
         started = time.perf_counter()
         first: float | None = None
         sequences = []
@@ -129,7 +111,7 @@ class TensorRTRunner(Runner):
                 completion = output.outputs[0]
                 sequences.append(self._sequence(list(completion.token_ids), completion.finish_reason, sampling))
         else:
-            requests = [self.llm.generate_async(ids, params, streaming=True) for ids in batch]
+            requests = [self.llm.generate_async(ids, row_params, streaming=True) for ids, row_params in zip(batch, params)]
             for row, request in enumerate(requests):
                 seen = 0
                 for partial in request:  # each step of a streaming request
@@ -157,7 +139,7 @@ class TensorRTRunner(Runner):
                 f"artifact '{self.path}' was built without prompt logits, which teacher-forced validation needs",
                 hint="re-export with tensorrt.gather_context_logits: true",
             )
-        params = self._sampling_params(SamplingConfig(max_new_tokens=1), return_context_logits=True)
+        params = self._params(SamplingConfig(max_new_tokens=1), token_ids, return_context_logits=True)
         output = self.llm.generate([token_ids], params, use_tqdm=False)[0]
         logits = output.context_logits
         if hasattr(logits, "float"):
