@@ -14,10 +14,11 @@ from typing import Any, Iterator
 
 from llmopt import artifact, cache, events, generation, sources, validation
 from llmopt import quantize as quantization
+from llmopt import recipe as recipe_module
 from llmopt._deps import version_of
-from llmopt.artifact import Manifest
+from llmopt.artifact import Manifest, directory_size
 from llmopt.errors import LlmoptError, UsageError, ValidationFailed
-from llmopt.exporters.base import Exporter, copy_tokenizer_files
+from llmopt.exporters.base import Exporter, ExportResult, copy_tokenizer_files
 from llmopt.recipe import Recipe
 from llmopt.registry import exporter_class, runner_class
 from llmopt.runners.base import Runner, SamplingConfig, Speculation
@@ -48,19 +49,19 @@ class ExportReport:
 
 
 def make_exporter(recipe: Recipe) -> Exporter:
+    """The target's exporter, the recipe checked by it and by the quantization pass that follows it."""
     exporter = exporter_class(recipe.target)()
     exporter.check(recipe)
+    quantization.check(recipe)
     return exporter
 
 
 def plan(recipe: Recipe) -> dict[str, Any]:
-    """The resolved recipe and the exact backend arguments, without importing any backend."""
+    """The resolved recipe and the exact backend arguments (the fp export, then any quantization pass),
+    without importing any backend."""
     exporter = make_exporter(recipe)
-    return {"target": recipe.target, "recipe": recipe.to_dict(), "plan": exporter.plan(recipe)}
-
-
-def directory_size(path: Path) -> int:
-    return sum(file.stat().st_size for file in Path(path).rglob("*") if file.is_file())
+    steps = quantization.plan(recipe, exporter.plan(quantization.exporter_recipe(recipe)))
+    return {"target": recipe.target, "recipe": recipe.to_dict(), "plan": steps}
 
 
 def provenance(recipe: Recipe, checkpoint: Path) -> dict:
@@ -135,6 +136,7 @@ def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bo
     with events.step("resolve", f"resolving model {recipe.model.id}"):
         checkpoint = sources.resolve_model(recipe.model.id, recipe.model.revision, recipe.model.trust_remote_code)
         sources.check_architecture(checkpoint)
+    quantization.check_model(recipe, checkpoint)
     validated = validate and recipe.validation.enabled and exporter.validates_here(recipe)
     store = cache.ArtifactCache(cache_dir) if cache_dir is not None else None
     key = store.key(recipe, checkpoint, exporter.backend_distributions, validated) if store else None
@@ -144,8 +146,9 @@ def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bo
             return ExportReport(output=output, manifest=cached, seconds=seconds, size_bytes=directory_size(output), cached=True)
         with artifact.staging(output, force) as workdir:
             with events.step("export", f"exporting to {recipe.target}"):
-                result = exporter.export(recipe, checkpoint, workdir)
+                result = exporter.export(quantization.exporter_recipe(recipe), checkpoint, workdir)
                 copy_tokenizer_files(checkpoint, workdir)
+                result.runtime = quantization.apply(recipe, workdir, result.runtime)
             manifest = new_manifest(recipe, exporter, checkpoint, result)
             manifest.cache_key = key
             if validated:
@@ -198,12 +201,6 @@ def run(path: str | Path, prompts: list[str], chat: bool = True, on_text=None, s
         runner.close()
 
 
-# -- quantize ---------------------------------------------------------------------------------
-
-# Recipe fields an artifact source fixes: quantizing it keeps its model, target, shapes and precision.
-_ARTIFACT_FIXED = ("model", "target", "shapes", "precision")
-
-
 def bench(config, on_event=None):
     """Artifacts and PyTorch baselines side by side, each in a fresh process: a ``llmopt.benchmark.BenchResult``
     (``config`` is a ``llmopt.benchmark.BenchConfig``)."""
@@ -212,34 +209,48 @@ def bench(config, on_event=None):
     return benchmark.run(config, on_event=on_event)
 
 
-def quantize(output: str | Path, recipe: Recipe | None = None, source: str | Path | None = None,
-             overrides: dict[str, Any] | None = None, force: bool = False, validate: bool = True,
-             cache_dir: str | Path | None = None) -> ExportReport:
-    """Quantize into ``output``: an fp artifact ``source`` (keeping its shapes), else ``recipe``'s model.
+# -- quantize ---------------------------------------------------------------------------------
 
-    From an artifact, ``overrides`` (dotted recipe paths) apply to the recipe stored in it and the
-    artifact's own logits are the reference; from a model this is ``export`` with the quantization
-    section set, validated against PyTorch. Validation thresholds the recipe leaves unset get the
-    weight format's defaults (``llmopt.quantize.DEFAULT_THRESHOLDS``).
-    """
+# Recipe fields an artifact source fixes: quantizing it keeps its model, target, shapes and precision.
+_ARTIFACT_FIXED = ("model", "target", "shapes", "precision")
 
+
+@dataclass
+class QuantizeSource:
+    """What ``llmopt quantize`` starts from: a model (then ``manifest`` is None) or an fp artifact."""
+
+    recipe: Recipe
+    artifact: Path | None = None
+    manifest: Manifest | None = None
+
+
+def quantize_source(source: str | Path | None = None, recipe: Recipe | None = None, config: str | Path | None = None,
+                    overrides: dict[str, Any] | None = None) -> QuantizeSource:
+    """Decide what ``source`` is and resolve the recipe: an fp artifact (its stored recipe, then
+    ``overrides``), else a model (``recipe``, or ``config`` then ``overrides`` with ``source`` as model.id).
+
+    Validation thresholds the recipe leaves unset get the weight format's defaults
+    (``llmopt.quantize.DEFAULT_THRESHOLDS``)."""
+    overrides = dict(overrides or {})
     if source is not None and (Path(source) / artifact.MANIFEST_NAME).is_file():
-        return _quantize_artifact(Path(source), Path(output), overrides or {}, force, validate)
+        return _artifact_source(Path(source), config, overrides)
+    if source is not None and overrides.get("model.id") is not None:
+        raise UsageError(f"'{source}' is not an llmopt artifact (no {artifact.MANIFEST_NAME}), and -m was given too")
     if recipe is None:
-        raise UsageError(f"'{source}' is not an llmopt artifact (no {artifact.MANIFEST_NAME}); pass a model with -m instead")
+        recipe = recipe_module.resolve(config, {**overrides, "model.id": overrides.get("model.id") or source})
     if not recipe.quantization.enabled:
         raise UsageError("nothing to quantize: quantization.weight_format is none",
                          hint="pass --weight-format int8 or int4, or set quantization.weight_format in the recipe")
-    return export(quantization.with_default_thresholds(recipe), output, force=force, validate=validate, cache_dir=cache_dir)
+    return QuantizeSource(quantization.with_default_thresholds(recipe))
 
 
-def quantize_recipe(source: Path, overrides: dict[str, Any]) -> tuple[Recipe, Manifest]:
-    """The recipe stored in the fp artifact ``source`` with ``overrides`` applied, and its manifest."""
-    from llmopt import recipe as recipe_module
-
+def _artifact_source(source: Path, config: str | Path | None, overrides: dict[str, Any]) -> QuantizeSource:
+    """The recipe stored in the fp artifact ``source`` with ``overrides`` applied."""
     fixed = sorted(key for key, value in overrides.items() if value is not None and key.split(".")[0] in _ARTIFACT_FIXED)
+    if config is not None:
+        fixed.insert(0, f"recipe file {config}")
     if fixed:
-        raise UsageError(f"quantizing an artifact keeps its model, target, shapes and precision; cannot set {', '.join(fixed)}",
+        raise UsageError(f"{', '.join(fixed)}: an artifact source keeps its model, target and shapes (and precision)",
                          hint="quantize the checkpoint with -m to choose them")
     source_manifest = artifact.load(source, verify=True)
     # The stored recipe has every field written out: keep what the artifact fixes and its runtime
@@ -252,20 +263,45 @@ def quantize_recipe(source: Path, overrides: dict[str, Any]) -> tuple[Recipe, Ma
     if not recipe.quantization.enabled:
         raise UsageError("nothing to quantize: quantization.weight_format is none", hint="pass --weight-format int8 or int4")
     quantization.check_source(source_manifest, recipe)
-    return quantization.with_default_thresholds(recipe), source_manifest
+    return QuantizeSource(quantization.with_default_thresholds(recipe), source, source_manifest)
 
 
-def _quantize_artifact(source: Path, output: Path, overrides: dict[str, Any], force: bool, validate: bool) -> ExportReport:
+def quantize_plan(source: str | Path | None = None, recipe: Recipe | None = None, config: str | Path | None = None,
+                  overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``plan`` of what ``quantize`` would build from the same arguments; names the source artifact."""
+    start = quantize_source(source, recipe, config, overrides)
+    planned = plan(start.recipe)
+    return {"source_artifact": str(start.artifact), **planned} if start.artifact is not None else planned
 
+
+def quantize(output: str | Path, recipe: Recipe | None = None, source: str | Path | None = None,
+             overrides: dict[str, Any] | None = None, force: bool = False, validate: bool = True,
+             cache_dir: str | Path | None = None, config: str | Path | None = None) -> ExportReport:
+    """Quantize into ``output``: an fp artifact ``source`` (keeping its shapes), else ``recipe``'s model
+    (or ``source`` as the model, with ``config`` and ``overrides``).
+
+    From an artifact, ``overrides`` (dotted recipe paths) apply to the recipe stored in it, the pass
+    runs on a copy of it, and the artifact's own logits are the reference; from a model this is
+    ``export`` with the quantization section set, validated against PyTorch.
+    """
+    start = quantize_source(source, recipe, config, overrides)
+    if start.artifact is None:
+        return export(start.recipe, output, force=force, validate=validate, cache_dir=cache_dir)
+    return _quantize_artifact(start, Path(output), force, validate)
+
+
+def _quantize_artifact(start: QuantizeSource, output: Path, force: bool, validate: bool) -> ExportReport:
     started = time.perf_counter()
-    recipe, source_manifest = quantize_recipe(source, overrides)
-    backend = quantization.backend(recipe.target)
+    recipe, source, source_manifest = start.recipe, start.artifact, start.manifest
     exporter = make_exporter(recipe)
     artifact.check_output_free(output, force)
     exporter.preflight(recipe)
+    quantization.check_model(recipe, source)
     with no_space_errors(output), artifact.staging(output, force) as workdir:
         with events.step("quantize", f"quantizing {source} ({recipe.quantization.weight_format})"):
-            result = backend.requantize(source, source_manifest, recipe, workdir)
+            artifact.copy_body(source, workdir)
+            runtime = quantization.apply(recipe, workdir, source_manifest.runtime)
+        result = ExportResult(io=source_manifest.io, runtime=runtime)
         manifest = new_manifest(recipe, exporter, Path(source_manifest.source.get("checkpoint") or source), result)
         manifest.source["artifact"] = str(source)
         if validate and recipe.validation.enabled and exporter.validates_here(recipe):

@@ -98,6 +98,15 @@ def hash_tree(root: Path) -> dict[str, str]:
     return hashes
 
 
+def directory_size(path: Path) -> int:
+    return sum(file.stat().st_size for file in Path(path).rglob("*") if file.is_file())
+
+
+def copy_body(source: Path, workdir: Path) -> None:
+    """Every file of the artifact ``source`` but its manifest into ``workdir``: a body to rebuild from."""
+    shutil.copytree(source, workdir, dirs_exist_ok=True, ignore=lambda _, names: [n for n in names if n == MANIFEST_NAME])
+
+
 def check_output_free(output: Path, force: bool) -> None:
     """Refuse before any work when the output exists and --force was not given."""
     if output.exists() and not force:

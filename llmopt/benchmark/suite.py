@@ -407,13 +407,11 @@ def _rows_for(subject: Subject, result: dict, size_bytes: int | None) -> list[di
 
 
 def _size_of(subject: Subject) -> int | None:
-    from llmopt.api import directory_size
-
     path = Path(subject.path)
     if path.is_file():
         return path.stat().st_size
     if subject.kind == "artifact":
-        return directory_size(path)
+        return artifact.directory_size(path)
     weights = [file for pattern in ("*.safetensors", "*.bin", "*.pt") for file in path.glob(pattern)]
     return sum(file.stat().st_size for file in weights) or None
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 
@@ -34,7 +34,21 @@ def resolve_recipe(
     base: dict | None = None,
 ) -> Recipe:
     """Recipe file, then named flags, then ``--set`` items (the most specific wins)."""
-    overrides = {
+    overrides = flag_overrides(model, target, batch_size, sequence_length, dtype, static)
+    overrides.update(recipe_module.parse_set_options(set_items))
+    return recipe_module.resolve(config, overrides, base=base)
+
+
+def flag_overrides(
+    model: Optional[str] = None,
+    target: Optional[str] = None,
+    batch_size: Optional[int] = None,
+    sequence_length: Optional[int] = None,
+    dtype: Optional[str] = None,
+    static: Optional[bool] = None,
+) -> dict[str, Any]:
+    """The named flags as dotted recipe paths (None: not given, ignored by ``recipe.resolve``)."""
+    return {
         "model.id": model,
         "target": target,
         "shapes.batch_size": batch_size,
@@ -42,5 +56,4 @@ def resolve_recipe(
         "precision.dtype": dtype,
         "shapes.static": static,
     }
-    overrides.update(recipe_module.parse_set_options(set_items))
-    return recipe_module.resolve(config, overrides, base=base)
+

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,57 +47,31 @@ def quantize(
     no_cache: bool = typer.Option(False, "--no-cache", help="From a model: always compile; neither read nor fill the cache."),
 ) -> None:
     """Quantize weights to int8 or int4, then measure the accuracy against the fp reference."""
-    quantization = quantization_overrides(
-        weight_format=weight_format, group_size=group_size, symmetric=symmetric, ratio=ratio, awq=awq,
-        scale_estimation=scale_estimation, dataset=dataset, num_samples=num_samples, algorithm=algorithm,
-        kv_cache=kv_cache,
-    )
-    from_artifact = source is not None and (Path(source) / "llmopt.json").is_file()
-    if from_artifact:
-        given = [flag for flag, value in (("-m", model), ("--target", target), ("--config", config),
-                                          ("--batch-size", batch_size), ("--sequence-length", sequence_length)) if value]
-        if given:
-            raise UsageError(f"{', '.join(given)}: an artifact source keeps its model, target and shapes",
-                             hint="quantize the checkpoint with -m to choose them")
-        overrides = {**quantization, **parse_set_options(set_items)}
-        if dry_run:
-            recipe, _ = api.quantize_recipe(Path(source), overrides)
-            _print_plan({"source_artifact": source, **api.plan(recipe)}, json_output)
-            return
-        _require_output(output)
-        report = api.quantize(output, source=source, overrides=overrides, force=force, validate=not no_validate)
-    else:
-        if source is not None and model is not None:
-            raise UsageError(f"'{source}' is not an llmopt artifact (no llmopt.json), and -m was given too")
-        set_items = [*_as_set_items(quantization), *set_items]
-        recipe = _common.resolve_recipe(config, set_items, model or source, target, batch_size, sequence_length)
-        if dry_run:
-            _print_plan(api.plan(recipe), json_output)
-            return
-        _require_output(output)
-        cache_dir = None if no_cache else cache.default_dir()
-        report = api.quantize(output, recipe=recipe, force=force, validate=not no_validate, cache_dir=cache_dir)
+    # Named flags, then the quantization flags, then --set items: the most specific wins.
+    overrides = {
+        **_common.flag_overrides(model=model, target=target, batch_size=batch_size, sequence_length=sequence_length),
+        **quantization_overrides(
+            weight_format=weight_format, group_size=group_size, symmetric=symmetric, ratio=ratio, awq=awq,
+            scale_estimation=scale_estimation, dataset=dataset, num_samples=num_samples, algorithm=algorithm,
+            kv_cache=kv_cache,
+        ),
+        **parse_set_options(set_items),
+    }
+    if dry_run:
+        plan = api.quantize_plan(source, config=config, overrides=overrides)
+        if json_output:
+            _output.print_json(plan)
+        else:
+            typer.echo(yaml.safe_dump(plan, sort_keys=False), nl=False)
+        return
+    if output is None:
+        raise UsageError("-o/--output is required (the artifact directory to create)")
+    report = api.quantize(output, source=source, config=config, overrides=overrides, force=force,
+                          validate=not no_validate, cache_dir=None if no_cache else cache.default_dir())
     if json_output:
         _output.print_json(report.to_dict())
         return
     typer.echo(summary_line(report))
-
-
-def _as_set_items(overrides: dict[str, Any]) -> list[str]:
-    """Flags as ``--set`` items (JSON values read back exactly), placed before the user's own so theirs win."""
-    return [f"{key}={json.dumps(value)}" for key, value in overrides.items() if value is not None]
-
-
-def _require_output(output: Optional[Path]) -> None:
-    if output is None:
-        raise UsageError("-o/--output is required (the artifact directory to create)")
-
-
-def _print_plan(plan: dict[str, Any], json_output: bool) -> None:
-    if json_output:
-        _output.print_json(plan)
-    else:
-        typer.echo(yaml.safe_dump(plan, sort_keys=False), nl=False)
 
 
 def summary_line(report: api.ExportReport) -> str:

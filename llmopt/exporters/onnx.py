@@ -7,7 +7,8 @@ becomes ``batch_size`` and ``search.max_length`` becomes ``sequence_length``, so
 exactly what the artifact promises. ``genai_config.json`` sits beside the graph, so the artifact
 also loads in plain onnxruntime-genai (``og.Model(path)``) with no llmopt code.
 
-``shapes.static: true`` artifacts are built by ``llmopt.exporters.static`` instead.
+``shapes.static: true`` artifacts are built by ``llmopt.exporters.static`` instead. The graph is
+always the fp one: int8/int4 weights are a pass over it afterwards (``llmopt.quantize.onnx``).
 """
 
 from __future__ import annotations
@@ -64,10 +65,6 @@ class OnnxExporter(Exporter):
                 f"precision.dtype '{dtype}' needs onnx.provider cuda; accepted with provider {provider}: fp32",
                 hint="set precision.dtype: fp32, or onnx.provider: cuda",
             )
-        if recipe.quantization.enabled:
-            from llmopt.quantize import onnx as quantize
-
-            quantize.check(recipe)
         if recipe.onnx.opset not in (None, BUILDER_OPSET):
             raise RecipeError(
                 f"onnx.opset {recipe.onnx.opset}: the onnxruntime-genai model builder writes opset {BUILDER_OPSET}; "
@@ -81,10 +78,6 @@ class OnnxExporter(Exporter):
 
             return static_plan(recipe, "onnx")
         self.check(recipe)
-        if recipe.quantization.enabled:  # the fp export below, then the MatMulNBits rewrite
-            from llmopt.quantize import onnx as quantize
-
-            return quantize.plan(recipe)
         shapes = recipe.shapes
         return {
             "builder": {
@@ -128,10 +121,6 @@ class OnnxExporter(Exporter):
             from llmopt.exporters.static import export_static
 
             return export_static(recipe, checkpoint, workdir, "onnx")
-        if recipe.quantization.enabled:  # exports the fp graph through this method, then quantizes it
-            from llmopt.quantize import onnx as quantize
-
-            return quantize.build(recipe, checkpoint, workdir)
         shapes = recipe.shapes
         check_context_length(checkpoint, shapes.sequence_length)
         run_builder(recipe, checkpoint, workdir)

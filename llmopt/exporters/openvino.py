@@ -15,7 +15,8 @@ itself keeps optimum-intel's f16 cache option: a KV_CACHE_PRECISION f32 there ma
 paged attention refuse to compile under the default bf16 hint, and a plain ``LLMPipeline(path)``
 then falls back, silently, to the stateful loop, which cannot run a pinned batch.
 
-``shapes.static: true`` artifacts are built by ``llmopt.exporters.static`` instead.
+``shapes.static: true`` artifacts are built by ``llmopt.exporters.static`` instead. The IR is
+always the fp one: int8/int4 weights are a pass over it afterwards (``llmopt.quantize.openvino``).
 """
 
 from __future__ import annotations
@@ -64,10 +65,6 @@ class OpenVINOExporter(Exporter):
             from llmopt.exporters.static import check_static
 
             check_static(recipe, "openvino")
-        if recipe.quantization.enabled:
-            from llmopt.quantize import openvino as quantize
-
-            quantize.check(recipe)
         device = recipe.openvino.device
         if device not in DEVICES:
             raise RecipeError(f"openvino.device '{device}' is not an OpenVINO device; accepted: {', '.join(DEVICES)}")
@@ -85,10 +82,6 @@ class OpenVINOExporter(Exporter):
 
             return static_plan(recipe, "openvino")
         self.check(recipe)
-        if recipe.quantization.enabled:  # the fp export below, then NNCF weight compression
-            from llmopt.quantize import openvino as quantize
-
-            return quantize.plan(recipe)
         dtype = recipe.precision.dtype
         return {
             "export": {
@@ -131,10 +124,6 @@ class OpenVINOExporter(Exporter):
             from llmopt.exporters.static import export_static
 
             return export_static(recipe, checkpoint, workdir, "openvino")
-        if recipe.quantization.enabled:  # exports the fp IR through this method, then compresses it
-            from llmopt.quantize import openvino as quantize
-
-            return quantize.build(recipe, checkpoint, workdir)
         # The IR is re-saved after the reshape, and never over the file it was read from (memory-mapped).
         traced = workdir / "optimum-export"
         run_optimum_export(recipe, checkpoint, traced)

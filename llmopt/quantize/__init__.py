@@ -1,16 +1,17 @@
-"""Weight quantization: the part every target shares.
+"""Weight quantization as a pass over an fp artifact body: the part every target shares.
 
-Each target that can quantize has a module here (``llmopt.quantize.openvino``,
-``llmopt.quantize.onnx``) with the same four functions:
+The exporters build fp artifacts only. For a target listed in ``BACKENDS``, ``llmopt.api`` runs
+the exporter on ``fp_recipe(recipe)``, then ``apply(recipe, body, runtime)`` on the staged body;
+re-quantizing an existing fp artifact is the same pass on a copy of it. Each backend module
+(``llmopt.quantize.openvino``, ``llmopt.quantize.onnx``) has:
 
 * ``check(recipe)``: pure; RecipeError for a combination the backend cannot build.
-* ``plan(recipe) -> dict``: pure; the backend calls and arguments a build would make.
-* ``build(recipe, checkpoint, workdir) -> ExportResult``: a quantized artifact body from a checkpoint.
-* ``requantize(source_artifact, source_manifest, recipe, workdir) -> ExportResult``: the same from
-  an fp artifact of that target, keeping its shapes (RecipeError for an already-quantized one).
+* ``group_sizes(recipe, config)``: RecipeError, before any work, for groups the layers cannot take.
+* ``plan(recipe, runtime) -> dict``: pure; the pass's step and the runtime options it leaves.
+* ``quantize(recipe, body, runtime) -> runtime``: rewrites the weights in the directory ``body``.
 
-The exporters delegate to these when ``recipe.quantization.enabled``; ``llmopt.api.quantize``
-calls ``requantize`` for an artifact source. Nothing here imports a backend.
+Targets that quantize while they build (tensorrt: ModelOpt checkpoints) keep it in their exporter.
+Nothing here imports a backend.
 """
 
 from __future__ import annotations
@@ -53,10 +54,41 @@ def backend(target: str) -> ModuleType:
     return importlib.import_module(BACKENDS[target])
 
 
+def applies(recipe: Recipe) -> bool:
+    """Whether the recipe's quantization runs as a pass after the fp export."""
+    return recipe.quantization.enabled and recipe.target in BACKENDS
+
+
+def exporter_recipe(recipe: Recipe) -> Recipe:
+    """What the target's exporter builds: the fp recipe when a pass quantizes after it."""
+    return fp_recipe(recipe) if applies(recipe) else recipe
+
+
 def check(recipe: Recipe) -> None:
-    """The target's own check of the quantization section. Pure."""
-    if recipe.quantization.enabled:
+    """The pass's own check of the quantization section. Pure."""
+    if applies(recipe):
         backend(recipe.target).check(recipe)
+
+
+def check_model(recipe: Recipe, directory: Path) -> None:
+    """RecipeError, before any work, for group sizes the layers of the model in ``directory`` cannot take."""
+    if applies(recipe):
+        backend(recipe.target).group_sizes(recipe, read_config(directory))
+
+
+def plan(recipe: Recipe, fp_plan: dict[str, Any]) -> dict[str, Any]:
+    """The fp export's steps, the pass, then the runtime options the pass leaves. Pure."""
+    if not applies(recipe):
+        return fp_plan
+    steps = {key: value for key, value in fp_plan.items() if key != "runtime"}
+    return {**steps, **backend(recipe.target).plan(recipe, fp_plan["runtime"])}
+
+
+def apply(recipe: Recipe, body: Path, runtime: dict[str, Any]) -> dict[str, Any]:
+    """Quantize the weights of the fp artifact body in ``body`` in place; the artifact's runtime options."""
+    if not applies(recipe):
+        return runtime
+    return backend(recipe.target).quantize(recipe, Path(body), runtime)
 
 
 def check_format_and_shapes(recipe: Recipe, formats: tuple[str, ...], why: str) -> None:

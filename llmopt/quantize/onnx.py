@@ -32,7 +32,6 @@ which round-to-nearest cannot remove and GPTQ spreads onto the other columns.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -44,8 +43,7 @@ import numpy as np
 from llmopt import events
 from llmopt._deps import require
 from llmopt.errors import RecipeError
-from llmopt.exporters.base import ExportResult
-from llmopt.quantize import calibration, check_format_and_shapes, check_source, dividing_group_sizes, matmul_input_sizes, fp_recipe, read_config
+from llmopt.quantize import calibration, check_format_and_shapes, dividing_group_sizes, matmul_input_sizes, read_config
 from llmopt.recipe import Recipe
 
 MODEL_FILE = "model.onnx"
@@ -171,46 +169,24 @@ def resolved_algorithm(recipe: Recipe) -> str:
     return "gptq" if q.weight_format == "int4" else "rtn"
 
 
-def plan(recipe: Recipe) -> dict[str, Any]:
-    """The fp export, then the MatMulNBits rewrite. Pure."""
-    from llmopt.exporters.onnx import OnnxExporter
-
+def plan(recipe: Recipe, runtime: dict[str, Any]) -> dict[str, Any]:
+    """The MatMulNBits rewrite after the fp export; the runtime options stay the fp artifact's. Pure."""
     check(recipe)
-    fp_plan = OnnxExporter().plan(fp_recipe(recipe))
-    steps = {key: value for key, value in fp_plan.items() if key != "runtime"}
-    return {**steps, "quantize": {"call": "llmopt.quantize.onnx", **settings(recipe)}, "runtime": fp_plan["runtime"]}
+    return {"quantize": {"call": "llmopt.quantize.onnx", **settings(recipe)}, "runtime": runtime}
 
 
-# -- building ---------------------------------------------------------------------------------
+# -- the pass ---------------------------------------------------------------------------------
 
 
-def build(recipe: Recipe, checkpoint: Path, workdir: Path) -> ExportResult:
-    """Export the fp32 graph with the onnx exporter (its post-processing included), then quantize it in place."""
-    from llmopt.exporters.onnx import OnnxExporter
-
+def quantize(recipe: Recipe, body: Path, runtime: dict[str, Any]) -> dict[str, Any]:
+    """Rewrite the fp32 graph of the artifact body in ``body`` with MatMulNBits weights, in place."""
     check(recipe)
-    block_sizes = resolve_block_sizes(recipe, read_config(checkpoint))
-    result = OnnxExporter().export(fp_recipe(recipe), checkpoint, workdir)
-    details = quantize_model(recipe, workdir, workdir, block_sizes)
-    return quantized_result(result.io, result.runtime, details)
+    block_sizes = group_sizes(recipe, read_config(body))
+    details = quantize_model(recipe, body, body, block_sizes)
+    return {**runtime, "quantization": details}
 
 
-def requantize(source_artifact: Path, source_manifest, recipe: Recipe, workdir: Path) -> ExportResult:
-    """Quantize an fp onnx artifact into ``workdir``, keeping its shapes, config and tokenizer."""
-    from llmopt.artifact import MANIFEST_NAME
-
-    check(recipe)
-    check_source(source_manifest, recipe)
-    source_artifact = Path(source_artifact)
-    block_sizes = resolve_block_sizes(recipe, read_config(source_artifact))
-    for path in source_artifact.iterdir():
-        if path.is_file() and path.name not in (MANIFEST_NAME, MODEL_FILE, DATA_FILE):
-            shutil.copy2(path, workdir / path.name)
-    details = quantize_model(recipe, source_artifact, workdir, block_sizes)
-    return quantized_result(source_manifest.io, source_manifest.runtime, details)
-
-
-def resolve_block_sizes(recipe: Recipe, config: dict[str, Any]) -> dict[int, int]:
+def group_sizes(recipe: Recipe, config: dict[str, Any]) -> dict[int, int]:
     """The block sizes, checked against every layer's input size: a group_size that does not divide
     them is an error listing those that do; a default that does not falls back to one that does."""
     sizes = matmul_input_sizes(config)
@@ -234,10 +210,6 @@ def resolve_block_sizes(recipe: Recipe, config: dict[str, Any]) -> dict[int, int
             raise RecipeError(f"no MatMulNBits block size ({', '.join(map(str, BLOCK_SIZES))}) divides the model's "
                               f"layer sizes ({described})", hint="this model cannot be quantized by the onnx target")
     return resolved
-
-
-def quantized_result(io: dict[str, Any], fp_runtime: dict[str, Any], details: dict[str, Any]) -> ExportResult:
-    return ExportResult(io=io, runtime={**fp_runtime, "quantization": details})
 
 
 # -- the graph rewrite ------------------------------------------------------------------------

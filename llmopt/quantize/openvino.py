@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,8 +32,7 @@ import numpy as np
 from llmopt import events
 from llmopt._deps import require
 from llmopt.errors import RecipeError
-from llmopt.exporters.base import ExportResult
-from llmopt.quantize import calibration, check_format_and_shapes, check_source, choose_group_size, matmul_input_sizes, fp_recipe, read_config
+from llmopt.quantize import calibration, check_format_and_shapes, choose_group_size, matmul_input_sizes, read_config
 from llmopt.recipe import Recipe
 
 MODEL_FILE = "openvino_model.xml"
@@ -217,12 +215,9 @@ def runtime_ov_config(recipe: Recipe, base: dict[str, Any]) -> dict[str, Any]:
     return ov_config
 
 
-def plan(recipe: Recipe) -> dict[str, Any]:
-    """The fp export, then the weight compression and the runtime options. Pure."""
-    from llmopt.exporters.openvino import OpenVINOExporter
-
+def plan(recipe: Recipe, runtime: dict[str, Any]) -> dict[str, Any]:
+    """The weight compression after the fp export, and the runtime options it leaves. Pure."""
     check(recipe)
-    fp_plan = OpenVINOExporter().plan(fp_recipe(recipe))
     q = recipe.quantization
     candidates = HQQ_GROUP_SIZES if method_of(recipe) == "hqq" else (128, 64, 32, 16)
     group_size: int | str = q.group_size if q.group_size is not None else (
@@ -234,44 +229,28 @@ def plan(recipe: Recipe) -> dict[str, Any]:
             "dataset": q.dataset or DEFAULT_DATASET, "samples": q.num_samples,
             "each": f"prefill of up to {CALIBRATION_TOKENS} tokens, then {DECODE_STEPS} one-token decode steps",
         }
-    runtime = dict(fp_plan["runtime"])
-    runtime["ov_config"] = runtime_ov_config(recipe, runtime.get("ov_config") or {})
-    steps = {key: value for key, value in fp_plan.items() if key != "runtime"}
-    return {**steps, "compress": compression, "runtime": runtime}
+    return {"compress": compression, "runtime": quantized_runtime(recipe, runtime)}
 
 
-# -- building ---------------------------------------------------------------------------------
+# -- the pass ---------------------------------------------------------------------------------
 
 
-def build(recipe: Recipe, checkpoint: Path, workdir: Path) -> ExportResult:
-    """Export the fp IR with the openvino exporter, then compress its weights in place."""
-    from llmopt.exporters.openvino import OpenVINOExporter
-
+def quantize(recipe: Recipe, body: Path, runtime: dict[str, Any]) -> dict[str, Any]:
+    """Compress the weights of the IR in the artifact body ``body`` in place."""
     check(recipe)
-    group_size = resolve_group_size(recipe, read_config(checkpoint))
-    result = OpenVINOExporter().export(fp_recipe(recipe), checkpoint, workdir)
-    tokenizer = load_tokenizer(checkpoint, recipe) if needs_data(recipe) else None
-    details = compress_file(recipe, workdir / MODEL_FILE, workdir / MODEL_FILE, group_size, tokenizer)
-    return quantized_result(recipe, result.io, result.runtime, details)
+    group_size = group_sizes(recipe, read_config(body))
+    tokenizer = load_tokenizer(body, recipe) if needs_data(recipe) else None
+    model_file = body / runtime.get("model", MODEL_FILE)
+    details = compress_file(recipe, model_file, model_file, group_size, tokenizer)
+    return {**quantized_runtime(recipe, runtime), "quantization": details}
 
 
-def requantize(source_artifact: Path, source_manifest, recipe: Recipe, workdir: Path) -> ExportResult:
-    """Compress the weights of an fp openvino artifact into ``workdir``, keeping its shapes and files."""
-    check(recipe)
-    check_source(source_manifest, recipe)
-    source_artifact = Path(source_artifact)
-    model_file = source_manifest.runtime.get("model", MODEL_FILE)
-    group_size = resolve_group_size(recipe, read_config(source_artifact))
-    skipped = {"llmopt.json", model_file, str(Path(model_file).with_suffix(".bin"))}
-    for path in source_artifact.iterdir():
-        if path.is_file() and path.name not in skipped:
-            shutil.copy2(path, workdir / path.name)
-    tokenizer = load_tokenizer(source_artifact, recipe) if needs_data(recipe) else None
-    details = compress_file(recipe, source_artifact / model_file, workdir / MODEL_FILE, group_size, tokenizer)
-    return quantized_result(recipe, source_manifest.io, source_manifest.runtime, details)
+def quantized_runtime(recipe: Recipe, runtime: dict[str, Any]) -> dict[str, Any]:
+    """The fp artifact's runtime options with the quantized model's ov_config."""
+    return {**runtime, "ov_config": runtime_ov_config(recipe, runtime.get("ov_config") or {})}
 
 
-def resolve_group_size(recipe: Recipe, config: dict[str, Any]) -> int | None:
+def group_sizes(recipe: Recipe, config: dict[str, Any]) -> int | None:
     if recipe.quantization.weight_format != "int4":
         return None
     sizes = matmul_input_sizes(config)
@@ -283,13 +262,6 @@ def resolve_group_size(recipe: Recipe, config: dict[str, Any]) -> int | None:
 def load_tokenizer(directory: Path, recipe: Recipe):
     transformers = require("transformers", extra="openvino")
     return transformers.AutoTokenizer.from_pretrained(directory, trust_remote_code=recipe.model.trust_remote_code)
-
-
-def quantized_result(recipe: Recipe, io: dict[str, Any], fp_runtime: dict[str, Any], details: dict[str, Any]) -> ExportResult:
-    runtime = dict(fp_runtime)
-    runtime["ov_config"] = runtime_ov_config(recipe, fp_runtime.get("ov_config") or {})
-    runtime["quantization"] = details
-    return ExportResult(io=io, runtime=runtime)
 
 
 def compress_file(recipe: Recipe, source: Path, destination: Path, group_size: int | None, tokenizer) -> dict[str, Any]:
