@@ -84,3 +84,30 @@ def check_compiled_for_this_gpu(path: Path, runtime: dict[str, Any], *, extra: s
 
 def _installed(name: str) -> str | None:
     return installed_tensorrt_version() if name == "tensorrt" else version_of(name)
+
+
+def require_gpu(path: Path, provider: str, hint: str) -> DetectedGpu:
+    """The first NVIDIA GPU, or a one-line refusal naming the artifact's provider."""
+    gpus = detect_gpus()
+    if not gpus:
+        raise MissingDependencyError(
+            f"artifact '{path}' runs on provider {provider} and needs an NVIDIA GPU; this machine has none "
+            "(nvidia-smi finds no GPU)",
+            hint=hint,
+        )
+    return gpus[0]
+
+
+def check_session_provider(session, wanted: str, what: str, hint: str) -> None:
+    """onnxruntime falls back to the next provider, with only a logged warning, when one fails to load.
+
+    ``session.get_providers()`` lists the providers the session really registered, in priority order:
+    the wanted one must be first, or the session is refused instead of running somewhere else.
+    """
+    registered = list(session.get_providers())
+    if not registered or registered[0] != wanted:
+        raise ArtifactError(
+            f"{what} needs onnxruntime's {wanted}, but the session runs on {', '.join(registered) or 'nothing'} "
+            f"(the provider failed to load, and onnxruntime would silently fall back)",
+            hint=hint,
+        )

@@ -79,8 +79,15 @@ class OpenVINOOptions(Section):
 
 
 class OnnxOptions(Section):
-    provider: Literal["cpu", "cuda", "tensorrt"] = "cpu"
+    provider: Literal["cpu", "cuda", "tensorrt"] = Field(
+        "cpu", description="cpu, cuda (onnxruntime-genai or static graphs), tensorrt (static graphs compiled into "
+                           "TensorRT engines by onnxruntime's TensorRT execution provider, saved as EPContext models)",
+    )
     opset: int | None = Field(None, ge=13, le=23)
+    provider_options: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="more TensorRT execution provider options by their onnxruntime names, "
+                                          "e.g. {trt_builder_optimization_level: 5}",
+    )
 
 
 class NeuronOptions(Section):

@@ -168,6 +168,21 @@ def test_other_quantization_is_refused(capsys, setting):
     assert_one_error_line(err, setting.split("=")[0])
 
 
+def test_repetition_penalty_is_refused_not_ignored(capsys, tmp_path, monkeypatch):
+    """On-device sampling has no repetition penalty: the recipe field and the run flag are refused in one line."""
+    code, err = failing(capsys, "export", "-c", str(CONFIGS / "llama2-7b-neuron-budget.yaml"),
+                        "--set", "generation.repetition_penalty=1.2", "--dry-run")
+    assert code == 2
+    assert_one_error_line(err, "generation.repetition_penalty", "neuron", "1.0")
+    from llmopt.errors import UsageError
+    from llmopt.runners import neuron as neuron_runner
+    from llmopt.runners.base import SamplingConfig
+
+    runner = object.__new__(neuron_runner.NeuronRunner)  # generate refuses before touching the device
+    with pytest.raises(UsageError, match="--repetition-penalty: a repetition penalty is not available on the neuron"):
+        runner.generate([[1, 2, 3]], SamplingConfig(repetition_penalty=1.3))
+
+
 def test_tensor_parallel_size_above_the_instance_cores(capsys):
     code, err = failing(capsys, "export", "-c", str(CONFIGS / "llama2-7b-neuron-budget.yaml"),
                         "--set", "neuron.num_cores=4", "--dry-run")

@@ -287,15 +287,22 @@ def test_sampling_is_seeded(untied_b1):
     assert runs[0] == runs[1] and len(runs[0]) > 0
 
 
-def test_gpu_artifact_never_falls_back_to_the_cpu(tiny_b1):
+def test_gpu_artifact_never_falls_back_to_the_cpu(tiny_b1, monkeypatch):
+    """A cuda artifact refuses a machine without a GPU, and a build without CUDA, instead of running on the CPU."""
     og = pytest.importorskip("onnxruntime_genai")
-    if og.is_cuda_available():
-        pytest.skip("this machine has CUDA")
+    from llmopt.hardware import GIB, DetectedGpu
     from llmopt.runners.onnx import OnnxRunner
 
     manifest = artifact.read_manifest(tiny_b1)
     manifest.runtime = {**manifest.runtime, "provider": "cuda"}
-    with pytest.raises(ArtifactError, match="cuda"):
+    monkeypatch.setattr("llmopt.gpu.detect_gpus", lambda: [])
+    with pytest.raises(MissingDependencyError, match="provider cuda and needs an NVIDIA GPU; this machine has none"):
+        OnnxRunner(tiny_b1, manifest.batch_size, manifest.sequence_length, manifest=manifest)
+    if og.is_cuda_available():
+        return
+    # A GPU is there, this onnxruntime-genai has no CUDA: refused by name, never opened on the CPU.
+    monkeypatch.setattr("llmopt.gpu.detect_gpus", lambda: [DetectedGpu("NVIDIA H100 80GB HBM3", 90, 80 * GIB)])
+    with pytest.raises(MissingDependencyError, match="this onnxruntime-genai build has no CUDA"):
         OnnxRunner(tiny_b1, manifest.batch_size, manifest.sequence_length, manifest=manifest)
 
 

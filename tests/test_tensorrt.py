@@ -206,6 +206,41 @@ def test_recipe_errors(capsys, setting, needle):
     assert_one_error_line(err, needle)
 
 
+def test_max_tokens_is_clamped_to_the_engine_length():
+    """TensorRT-LLM rejects prompt + max_tokens > max_seq_len; the runner stops at the artifact's length instead."""
+    from llmopt.runners.base import SamplingConfig
+
+    options = trt_runner.sampling_options(SamplingConfig(max_new_tokens=128), prompt_length=2000, max_seq_len=2048,
+                                          end_id=2, pad_id=2)
+    assert options["max_tokens"] == 48 and options["top_k"] == 1  # greedy
+    options = trt_runner.sampling_options(SamplingConfig(max_new_tokens=16, temperature=0.7, top_p=0.9, seed=5),
+                                          prompt_length=10, max_seq_len=2048, end_id=2, pad_id=0)
+    assert options["max_tokens"] == 16
+    assert (options["temperature"], options["top_p"], options["seed"]) == (0.7, 0.9, 5)
+
+
+def test_a_prompt_longer_than_the_engine_takes_is_refused():
+    from llmopt.errors import PromptTooLongError
+    from llmopt.runners.base import SamplingConfig
+
+    runner = object.__new__(trt_runner.TensorRTRunner)
+    runner.max_input_len, runner.max_seq_len, runner.end_id, runner.pad_id = 100, 128, 2, 2
+    runner.SamplingParams = dict
+    assert runner._params(SamplingConfig(max_new_tokens=64), list(range(100)))["max_tokens"] == 28
+    with pytest.raises(PromptTooLongError, match="101 tokens but the engine accepts at most 100"):
+        runner._params(SamplingConfig(), list(range(101)))
+
+
+def test_modelopt_loads_with_the_dtype_keyword_of_the_installed_transformers(monkeypatch):
+    """transformers < 4.56 (TensorRT-LLM's older pins) passes dtype= on to the model constructor, which rejects it."""
+    from llmopt import _deps
+
+    monkeypatch.setattr(_deps, "version_of", {"transformers": "4.51.3"}.get)
+    assert _deps.dtype_keyword() == "torch_dtype"
+    monkeypatch.setattr(_deps, "version_of", {"transformers": "4.57.6"}.get)
+    assert _deps.dtype_keyword() == "dtype"
+
+
 def test_fp8_kv_cache_with_weight_only_is_refused():
     recipe = resolve(CONFIGS / "smollm2-tensorrt-fp16.yaml", {"quantization.weight_format": "int4",
                                                                 "quantization.algorithm": "rtn",

@@ -30,6 +30,7 @@ from typing import Any
 from llmopt import events
 from llmopt._deps import require
 from llmopt.errors import RecipeError
+from llmopt.exporters import tensorrt_ep
 from llmopt.exporters.base import ExportResult
 from llmopt.recipe import Recipe
 
@@ -39,6 +40,7 @@ DEFAULT_OPSET = 17
 LOADER = "llmopt-static"
 WEIGHTS_FILE = "weights.bin"  # the ONNX backend's external data, shared by both graphs
 ONNX_DTYPES = {"fp32": "float32", "fp16": "float16"}
+ORT_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": tensorrt_ep.PROVIDER}
 OV_PRECISION_HINTS = {"fp32": "f32"}  # OpenVINO would otherwise run fp32 IR in bf16 on CPUs that have it
 GENAI_ONLY_PROPERTIES = ("ATTENTION_BACKEND",)
 # Model dimensions the plan cannot know without reading the checkpoint; export fills them in.
@@ -62,8 +64,10 @@ def check_static(recipe: Recipe, backend: str) -> None:
             f"quantization.weight_format '{recipe.quantization.weight_format}' is not supported with shapes.static yet",
             hint="set quantization.weight_format: none, or shapes.static: false",
         )
-    if backend == "onnx" and recipe.onnx.provider != "cpu":
-        raise RecipeError(f"onnx.provider '{recipe.onnx.provider}' is not supported with shapes.static yet; accepted: cpu")
+    if backend == "onnx" and recipe.onnx.provider == "tensorrt":
+        tensorrt_ep.check(recipe)
+    elif recipe.onnx.provider_options:
+        raise RecipeError("recipe field 'onnx.provider_options': only read with onnx.provider tensorrt")
 
 
 def graph_shapes(batch_size: int, sequence_length: int, dims: dict[str, Any], dtype: str) -> dict[str, Any]:
@@ -129,7 +133,10 @@ def runtime_options(recipe: Recipe, backend: str) -> dict[str, Any]:
         "graphs": {name: files[0] for name, files in graph_files(backend).items()},
     }
     if backend == "onnx":
-        runtime["providers"] = ["CPUExecutionProvider"]
+        runtime["providers"] = [ORT_PROVIDERS[recipe.onnx.provider]]
+        if recipe.onnx.provider == "tensorrt":  # the EPContext models export writes, loaded with the engine inside
+            runtime["providers"] = [[tensorrt_ep.PROVIDER, tensorrt_ep.load_options(recipe)]]
+            runtime["graphs"] = {name: f"{name}{tensorrt_ep.CONTEXT_SUFFIX}" for name in GRAPHS}
     else:
         ov_config: dict[str, Any] = {}
         if recipe.precision.dtype in OV_PRECISION_HINTS:
@@ -154,16 +161,22 @@ def static_plan(recipe: Recipe, backend: str) -> dict[str, Any]:
     else:
         compress = recipe.precision.dtype == "fp16"
         steps.append(f"openvino.convert_model(<graph>.onnx) then openvino.save_model(compress_to_fp16={compress})")
-    return {
+    io = graph_shapes(shapes.batch_size, shapes.sequence_length, SYMBOLIC_DIMS, recipe.precision.dtype)
+    plan = {
         "static": True,
         "backend": backend,
         "graphs": graph_files(backend),
-        "io": graph_shapes(shapes.batch_size, shapes.sequence_length, SYMBOLIC_DIMS, recipe.precision.dtype),
+        "io": io,
         "opset": opset_of(recipe),
         "dtype": recipe.precision.dtype,
         "steps": steps,
         "runtime": runtime_options(recipe, backend),
     }
+    if backend == "onnx" and recipe.onnx.provider == "tensorrt":
+        steps.append("onnxruntime.InferenceSession(<graph>.onnx, providers=[(TensorrtExecutionProvider, build)]) "
+                     "writes <graph>_ctx.onnx with the engine embedded; the plain graphs are removed")
+        plan["tensorrt"] = tensorrt_ep.plan(recipe, {name: {"inputs": io[name]["inputs"]} for name in GRAPHS})
+    return plan
 
 
 # --------------------------------------------------------------------------- export
@@ -311,4 +324,7 @@ def export_static(recipe: Recipe, checkpoint: Path, workdir: Path, backend: str)
             _share_weights(directory, workdir)
         else:
             _convert_to_openvino(recipe, directory, workdir)
-    return ExportResult(io=io, runtime=runtime_options(recipe, backend))
+    runtime = runtime_options(recipe, backend)
+    if backend == "onnx" and recipe.onnx.provider == "tensorrt":
+        runtime.update(tensorrt_ep.compile_graphs(recipe, workdir, io, graph_files("onnx")))
+    return ExportResult(io=io, runtime=runtime)

@@ -18,12 +18,13 @@ from pathlib import Path
 import numpy as np
 
 from llmopt._deps import require
-from llmopt.errors import ArtifactError, PromptTooLongError, UsageError
+from llmopt.errors import ArtifactError, MissingDependencyError, PromptTooLongError, UsageError
+from llmopt.gpu import require_gpu
 from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, SequenceOutput, TokenCallback
 
 PAD_ID = -1
-# onnxruntime-genai's provider names, and the device it reports once that provider is in use.
-OG_PROVIDERS = {"cuda": ("cuda", "CUDA")}
+# The recipe's GPU providers and onnxruntime-genai's names for them.
+OG_PROVIDERS = {"cuda": "cuda"}
 GPU_HINT = "pip install 'llmopt[gpu]' (onnxruntime-gpu and onnxruntime-genai-cuda) on a machine with an NVIDIA GPU"
 
 
@@ -44,26 +45,32 @@ class OnnxRunner(Runner):
         og = self.og
         if self.provider != "cpu" and self.provider not in OG_PROVIDERS:
             raise ArtifactError(f"artifact '{self.path}': provider '{self.provider}' is not supported by onnxruntime-genai")
-        if self.provider == "cuda" and not og.is_cuda_available():
-            raise ArtifactError(f"artifact '{self.path}' was built for provider cuda, and CUDA is not available here",
-                                hint=GPU_HINT)
+        if self.provider == "cuda":
+            # No silent CPU fallback, and no trust in what cannot tell: og.is_cuda_available() says how the
+            # package was built and Model.device_type echoes the configured provider, so the GPU itself is
+            # checked first; a CUDA library that is missing then makes og.Model throw (caught below).
+            require_gpu(self.path, self.provider, GPU_HINT)
+            if not og.is_cuda_available():
+                raise MissingDependencyError(
+                    f"artifact '{self.path}' runs on provider cuda, and this onnxruntime-genai build has no CUDA",
+                    hint=GPU_HINT,
+                )
         config = og.Config(str(self.path))
         config.clear_providers()
         if self.provider in OG_PROVIDERS:
-            config.append_provider(OG_PROVIDERS[self.provider][0])
+            config.append_provider(OG_PROVIDERS[self.provider])
         # llmopt decides where rows stop (eos_token_ids may change after load); onnxruntime-genai, told of
         # no end token, never swaps a row's tokens for pads.
         # A single id, not a list: onnxruntime-genai 0.11 ignores a list overlay over a number in the file.
         config.overlay(json.dumps({"model": {"pad_token_id": PAD_ID, "eos_token_id": PAD_ID}}))
-        model = og.Model(config)
-        if self.provider in OG_PROVIDERS and model.device_type.upper() != OG_PROVIDERS[self.provider][1]:
-            # No silent CPU fallback: a GPU artifact that ends up on the CPU is an error, not a slow run.
-            raise ArtifactError(
-                f"artifact '{self.path}' was built for provider {self.provider}, but onnxruntime-genai runs it on "
-                f"{model.device_type}",
-                hint=GPU_HINT,
-            )
-        return model
+        if self.provider == "cpu":
+            return og.Model(config)
+        try:
+            return og.Model(config)
+        except Exception as exc:  # onnxruntime-genai raises a bare RuntimeError when the provider cannot load
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ArtifactError(f"artifact '{self.path}': onnxruntime-genai cannot open it on provider "
+                                f"{self.provider}: {reason}", hint=GPU_HINT) from exc
 
     # -- generation -----------------------------------------------------------------------------
 

@@ -18,8 +18,11 @@ import numpy as np
 
 from llmopt._deps import require
 from llmopt.errors import ArtifactError, UsageError
+from llmopt.gpu import check_compiled_for_this_gpu, check_session_provider, require_gpu
 from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, SequenceOutput, TokenCallback
 
+TENSORRT_PROVIDER = "TensorrtExecutionProvider"
+GPU_HINT = "pip install 'llmopt[gpu]' (onnxruntime-gpu, and TensorRT for the tensorrt provider) with an NVIDIA GPU"
 MASKED = {np.float32: np.finfo(np.float32).min, np.float16: np.finfo(np.float16).min}
 
 
@@ -205,12 +208,20 @@ class OnnxStaticRunner(StaticGraphRunner):
 
     def _open(self, prefill: Path, decode: Path) -> None:
         ort = require("onnxruntime", extra="onnx")
-        providers = self.runtime.get("providers") or ["CPUExecutionProvider"]
+        providers = [tuple(item) if isinstance(item, list) else item
+                     for item in self.runtime.get("providers") or ["CPUExecutionProvider"]]
+        wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
+        if wanted == TENSORRT_PROVIDER:  # engines inside: this GPU's architecture and TensorRT version, exactly
+            check_compiled_for_this_gpu(self.path, self.runtime, extra="gpu", tied_to=("tensorrt",))
+        elif wanted != "CPUExecutionProvider":
+            require_gpu(self.path, wanted, GPU_HINT)
         options = ort.SessionOptions()
         if self.threads:
             options.intra_op_num_threads = self.threads
         self.prefill_session = ort.InferenceSession(str(prefill), options, providers=providers)
         self.decode_session = ort.InferenceSession(str(decode), options, providers=providers)
+        for name, session in (("prefill", self.prefill_session), ("decode", self.decode_session)):
+            check_session_provider(session, wanted, f"artifact '{self.path}' ({name} graph)", GPU_HINT)
 
     def cache_shape_and_type(self):
         present = next(item for item in self.prefill_session.get_outputs() if item.name == "present_keys")
