@@ -27,6 +27,7 @@ from llmopt import events
 from llmopt._deps import require
 from llmopt.errors import MissingDependencyError, RecipeError
 from llmopt.exporters.base import TOKENIZER_FILES, Exporter, ExportResult
+from llmopt.hardware import detect_gpus
 from llmopt.recipe import Recipe
 
 LOADER = "onnxruntime-genai"
@@ -57,7 +58,8 @@ class OnnxExporter(Exporter):
         if provider == "tensorrt":
             raise RecipeError(
                 "onnx.provider 'tensorrt' is not supported by the onnxruntime-genai runtime; accepted: cpu, cuda",
-                hint="use onnx.provider: cuda, or target tensorrt for TensorRT-LLM engines",
+                hint="set shapes.static: true (static graphs compiled by onnxruntime's TensorRT execution provider), "
+                     "or target tensorrt for TensorRT-LLM engines",
             )
         if dtype != "fp32" and provider != "cuda":
             # The builder emits GroupQueryAttention on CPU only in fp32; its fp16 CPU graph does not run.
@@ -109,11 +111,16 @@ class OnnxExporter(Exporter):
             require("onnxruntime_genai", extra=self.extra, package="onnxruntime-genai")
             require("onnx_ir", extra=self.extra, package="onnx-ir")  # the model builder imports it
         provider = recipe.onnx.provider
-        if provider in ORT_PROVIDERS and ORT_PROVIDERS[provider] not in ort.get_available_providers():
-            raise MissingDependencyError(GPU_HINT.format(provider=provider))
+        if provider in ORT_PROVIDERS:
+            # get_available_providers() says how onnxruntime was built, not that a GPU is there: check both.
+            if ORT_PROVIDERS[provider] not in ort.get_available_providers():
+                raise MissingDependencyError(GPU_HINT.format(provider=provider))
+            if not detect_gpus():
+                raise MissingDependencyError(f"onnx.provider {provider} needs an NVIDIA GPU to build and validate on; "
+                                             "this machine has none (nvidia-smi finds no GPU)")
         if provider == "cuda" and not recipe.shapes.static:
             og = require("onnxruntime_genai", extra=self.extra, package="onnxruntime-genai")
-            if not og.is_cuda_available():
+            if not og.is_cuda_available():  # how the package was built: onnxruntime-genai (CPU) vs -cuda
                 raise MissingDependencyError(GPU_HINT.format(provider=provider) + " and onnxruntime-genai-cuda")
 
     def export(self, recipe: Recipe, checkpoint: Path, workdir: Path) -> ExportResult:
