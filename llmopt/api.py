@@ -230,7 +230,7 @@ def quantize_source(source: str | Path | None = None, recipe: Recipe | None = No
     ``overrides``), else a model (``recipe``, or ``config`` then ``overrides`` with ``source`` as model.id).
 
     Validation thresholds the recipe leaves unset get the weight format's defaults
-    (``llmopt.quantize.DEFAULT_THRESHOLDS``)."""
+    (``llmopt.quantize.DEFAULT_THRESHOLDS``): here for an artifact, in ``export`` for a model."""
     overrides = dict(overrides or {})
     if source is not None and (Path(source) / artifact.MANIFEST_NAME).is_file():
         return _artifact_source(Path(source), config, overrides)
@@ -241,7 +241,7 @@ def quantize_source(source: str | Path | None = None, recipe: Recipe | None = No
     if not recipe.quantization.enabled:
         raise UsageError("nothing to quantize: quantization.weight_format is none",
                          hint="pass --weight-format int8 or int4, or set quantization.weight_format in the recipe")
-    return QuantizeSource(quantization.with_default_thresholds(recipe))
+    return QuantizeSource(recipe)  # export gives it the weight format's thresholds
 
 
 def _artifact_source(source: Path, config: str | Path | None, overrides: dict[str, Any]) -> QuantizeSource:
