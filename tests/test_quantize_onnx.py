@@ -10,6 +10,7 @@ import pytest
 
 from llmopt import api, artifact, recipe
 from llmopt.errors import RecipeError
+from llmopt.quantize import blocks as block_quantizers
 from llmopt.quantize import onnx as quantize_onnx
 
 pytest.importorskip("onnx", reason="pip install 'llmopt[onnx]'")
@@ -108,7 +109,7 @@ def test_a_dumped_recipe_builds_the_same_mix(tmp_path):
 # -- the numbers: block quantizers ------------------------------------------------------------
 
 
-def dequantize(blocks: quantize_onnx.Blocks, block_size: int) -> np.ndarray:
+def dequantize(blocks: block_quantizers.Blocks, block_size: int) -> np.ndarray:
     n_out, k_in = blocks.q.shape
     zero = blocks.zero if blocks.zero is not None else np.full(blocks.scale.shape, 2 ** (blocks.bits - 1))
     grouped = blocks.q.reshape(n_out, k_in // block_size, block_size).astype(np.float64) - zero[..., None]
@@ -121,7 +122,7 @@ def test_symmetric_8bit_reproduces_q8_0_blocks_exactly():
     q = rng.integers(-127, 128, size=(8, 4, 32))
     q[:, :, 0] = 127  # each Q8_0 block reaches its absmax
     weight = (q * scales).reshape(8, 128)
-    blocks = quantize_onnx.quantize_symmetric(weight, 8, 32)
+    blocks = block_quantizers.quantize_symmetric(weight, 8, 32)
     assert blocks.zero is None
     np.testing.assert_allclose(dequantize(blocks, 32), weight, rtol=1e-6, atol=1e-9)
 
@@ -129,7 +130,7 @@ def test_symmetric_8bit_reproduces_q8_0_blocks_exactly():
 @pytest.mark.parametrize("bits", [4, 8])
 def test_round_to_nearest_error_is_within_half_a_step(bits):
     weight = np.random.default_rng(1).normal(size=(16, 64))
-    blocks = quantize_onnx.quantize_rtn(weight, bits, 16, symmetric=False)
+    blocks = block_quantizers.quantize_rtn(weight, bits, 16, symmetric=False)
     assert blocks.q.max() <= 2**bits - 1 and blocks.zero is not None
     error = np.abs(dequantize(blocks, 16) - weight).reshape(16, 4, 16).max(axis=-1)
     assert np.all(error <= blocks.scale / 2 + 1e-9)
@@ -147,17 +148,17 @@ def test_gptq_lowers_the_output_error_of_round_to_nearest():
     def output_error(blocks):
         return float(np.mean((inputs @ dequantize(blocks, 16).T - reference) ** 2))
 
-    rtn = output_error(quantize_onnx.quantize_rtn(weight, 4, 16, symmetric=False))
-    gptq = output_error(quantize_onnx.quantize_gptq(weight, moment, 4, 16, symmetric=False))
+    rtn = output_error(block_quantizers.quantize_rtn(weight, 4, 16, symmetric=False))
+    gptq = output_error(block_quantizers.quantize_gptq(weight, moment, 4, 16, symmetric=False))
     assert gptq < 0.8 * rtn
-    gptq_symmetric = quantize_onnx.quantize_gptq(weight, moment, 4, 16, symmetric=True)
+    gptq_symmetric = block_quantizers.quantize_gptq(weight, moment, 4, 16, symmetric=True)
     assert gptq_symmetric.zero is None and output_error(gptq_symmetric) < 2 * rtn
 
 
 def test_four_bit_rows_pack_two_values_a_byte_with_padding():
-    packed = quantize_onnx.pack(np.array([[1, 2, 3], [15, 0, 7]]), 4)
+    packed = block_quantizers.pack(np.array([[1, 2, 3], [15, 0, 7]]), 4)
     assert packed.tolist() == [[0x21, 0x03], [0x0F, 0x07]]
-    assert quantize_onnx.pack(np.array([[200, 3]]), 8).tolist() == [[200, 3]]
+    assert block_quantizers.pack(np.array([[200, 3]]), 8).tolist() == [[200, 3]]
 
 
 # -- tiny Llama: build, requantize, errors ----------------------------------------------------

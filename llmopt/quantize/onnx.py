@@ -32,9 +32,7 @@ which round-to-nearest cannot remove and GPTQ spreads onto the other columns.
 
 from __future__ import annotations
 
-import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,11 +41,12 @@ import numpy as np
 from llmopt import events
 from llmopt._deps import require
 from llmopt.errors import RecipeError
-from llmopt.quantize import calibration, check_format_and_shapes, dividing_group_sizes, matmul_input_sizes, read_config
+from llmopt.quantize import check_format_and_shapes, dividing_group_sizes, matmul_input_sizes, read_config
+from llmopt.quantize.blocks import quantize_gptq, quantize_rtn, quantize_symmetric
+from llmopt.quantize.moments import CALIBRATION_TOKENS, input_moments
+from llmopt.quantize.onnx_graph import ACCURACY_LEVEL, MODEL_FILE, Target, find_targets, initializer_array, rewrite, save
 from llmopt.recipe import Recipe
 
-MODEL_FILE = "model.onnx"
-DATA_FILE = "model.onnx.data"
 FORMATS = ("int8", "int4")
 ALGORITHMS = ("auto", "rtn", "gptq")
 BLOCK_SIZES = (16, 32, 64, 128, 256)  # MatMulNBits: a power of two, at least 16
@@ -57,15 +56,6 @@ DEFAULT_BLOCK_SIZES = {4: 16, 8: 32}
 # Roles of the builder's MatMuls (``/model/layers.<i>/<attn|mlp>/<role>/MatMul``), most sensitive first.
 ROLES = ("qkv_proj", "down_proj", "up_proj", "gate_proj", "o_proj")
 INT8_ROLES = ("qkv_proj", "down_proj")  # kept 8-bit in int4 artifacts unless quantization.ratio is set
-LM_HEAD = "/lm_head/MatMul"
-# 4: int8 activations (per block) and the int8 dot-product kernels, the only fast 8-bit kernel on CPU.
-# 1 (fp32 activations) has a fast 4-bit kernel but no 8-bit one, and did not help the int4 nodes.
-ACCURACY_LEVEL = 4
-CALIBRATION_TOKENS = 256
-GPTQ_DAMPING = 0.01
-GPTQ_COLUMNS = 128  # columns updated together (GPTQ's lazy batch)
-PROTOBUF_LIMIT = 2**31 - 2**26  # a serialized ModelProto must stay under 2 GiB
-EXTERNAL_DATA_THRESHOLD = 1024  # smaller tensors (shapes) stay inside model.onnx for shape inference
 
 
 # -- pure: check and plan ---------------------------------------------------------------------
@@ -212,30 +202,7 @@ def group_sizes(recipe: Recipe, config: dict[str, Any]) -> dict[int, int]:
     return resolved
 
 
-# -- the graph rewrite ------------------------------------------------------------------------
-
-
-@dataclass
-class Target:
-    node: Any  # the MatMul NodeProto
-    weight: str  # its constant input [K, N]
-    role: str  # qkv_proj, o_proj, ..., lm_head
-    layer: int | None
-    shape: tuple[int, int]  # the weight's [K, N]
-
-
-@dataclass
-class Blocks:
-    """One weight in MatMulNBits form: ``w[n, k] = (q[n, k] - zero[n, k // block]) * scale[n, k // block]``."""
-
-    bits: int
-    q: np.ndarray  # uint8 [N, K], 0 .. 2**bits - 1
-    scale: np.ndarray  # float32 [N, K // block]
-    zero: np.ndarray | None  # uint8 [N, K // block]; None: the op's default 2**(bits - 1)
-
-    @property
-    def block_size(self) -> int:
-        return self.q.shape[1] // self.scale.shape[1]
+# -- the rewrite: bits per MatMul, blocks, graph ------------------------------------------
 
 
 def quantize_model(recipe: Recipe, source_dir: Path, destination_dir: Path, block_sizes: dict[int, int]) -> dict[str, Any]:
@@ -275,34 +242,13 @@ def quantize_model(recipe: Recipe, source_dir: Path, destination_dir: Path, bloc
                 blocks[target.node.name] = quantize_rtn(weight, target_bits, block_size, symmetric)
     finally:
         torch.set_num_threads(threads)
-    rewrite(model, targets, blocks)
+    rewrite(model, targets, blocks, DEFAULT_BLOCK_SIZES[8])
     save(model, Path(destination_dir))
     counts: dict[str, int] = {}
     for target in targets:
         key = f"int{bits[target.node.name]}_parameters"
         counts[key] = counts.get(key, 0) + int(np.prod(blocks[target.node.name].q.shape))
     return {**settings(recipe, block_sizes), "weights": counts, "seconds": round(time.perf_counter() - started, 1)}
-
-
-def find_targets(model) -> list[Target]:
-    """MatMuls whose second input is a 2-D float initializer, with their role in the builder's naming."""
-    onnx = require("onnx", extra="onnx")
-    weights = {init.name: init for init in model.graph.initializer
-               if len(init.dims) == 2 and init.data_type == onnx.TensorProto.FLOAT}
-    outputs = {value.name for value in model.graph.output}
-    targets = []
-    for node in model.graph.node:
-        if node.op_type != "MatMul" or len(node.input) != 2 or node.input[1] not in weights:
-            continue
-        parts = node.name.strip("/").split("/")
-        layer = next((int(part.split(".")[1]) for part in parts if part.startswith("layers.")), None)
-        if node.name == LM_HEAD or node.output[0] in outputs:
-            role = "lm_head"
-        else:
-            role = parts[-2] if len(parts) >= 2 else node.name
-        shape = (int(weights[node.input[1]].dims[0]), int(weights[node.input[1]].dims[1]))
-        targets.append(Target(node=node, weight=node.input[1], role=role, layer=layer, shape=shape))
-    return targets
 
 
 def choose_bits(recipe: Recipe, targets: list[Target]) -> dict[str, int]:
@@ -333,272 +279,3 @@ def choose_bits(recipe: Recipe, targets: list[Target]) -> dict[str, int]:
             if t.role in INT8_ROLES:
                 bits[t.node.name] = 8
     return bits
-
-
-def initializer_array(model, name: str) -> np.ndarray:
-    onnx = require("onnx", extra="onnx")
-    for init in model.graph.initializer:
-        if init.name == name:
-            return onnx.numpy_helper.to_array(init).astype(np.float64)
-    raise KeyError(name)
-
-
-def rewrite(model, targets: list[Target], blocks: dict[str, Blocks]) -> None:
-    """MatMul -> MatMulNBits; the tied embedding's Transpose -> Gather -> GatherBlockQuantized on the lm_head blocks."""
-    onnx = require("onnx", extra="onnx")
-    helper, numpy_helper = onnx.helper, onnx.numpy_helper
-    graph = model.graph
-    replaced = {t.node.name: t for t in targets}
-    new_initializers = []
-    lm_head_inputs: dict[str, list[str]] = {}
-    nodes = []
-    for node in graph.node:
-        target = replaced.get(node.name) if node.op_type == "MatMul" else None
-        if target is None:
-            nodes.append(node)
-            continue
-        quantized = blocks[node.name]
-        n_out, k_in = quantized.q.shape
-        block_size = quantized.block_size
-        names = [f"{target.weight}_Q{quantized.bits}G{block_size}", f"{target.weight}_scale"]
-        data = pack(quantized.q, quantized.bits).reshape(n_out, k_in // block_size, block_size * quantized.bits // 8)
-        new_initializers += [numpy_helper.from_array(data, names[0]),
-                             numpy_helper.from_array(quantized.scale.astype(np.float32), names[1])]
-        if quantized.zero is not None:
-            names.append(f"{target.weight}_zero_point")
-            new_initializers.append(numpy_helper.from_array(pack(quantized.zero, quantized.bits), names[2]))
-        nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], *names], list(node.output), name=f"{node.name}_Q{quantized.bits}",
-            domain="com.microsoft", K=k_in, N=n_out, bits=quantized.bits, block_size=block_size,
-            accuracy_level=ACCURACY_LEVEL,
-        ))
-        if target.role == "lm_head":
-            lm_head_inputs[target.weight] = names
-    nodes = share_embedding(model, nodes, lm_head_inputs, blocks, targets, new_initializers)
-    used = {name for node in nodes for name in node.input} | {value.name for value in graph.output}
-    kept = [init for init in graph.initializer if init.name in used]  # the float weights are read no more
-    graph.ClearField("initializer")
-    graph.initializer.extend(kept + new_initializers)
-    graph.ClearField("node")
-    graph.node.extend(nodes)
-    if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-
-
-def share_embedding(model, nodes, lm_head_inputs, blocks, targets, new_initializers):
-    """The embedding Gather reads quantized blocks: the lm_head's when tied (the builder's
-    ``Gather(Transpose(lm_head weight))``), else its own table's, quantized like the lm_head."""
-    onnx = require("onnx", extra="onnx")
-    helper, numpy_helper = onnx.helper, onnx.numpy_helper
-    transposes = {node.output[0]: node for node in nodes
-                  if node.op_type == "Transpose" and node.input[0] in lm_head_inputs}
-    lm_head = next((t for t in targets if t.role == "lm_head"), None)
-    tables = {init.name: init for init in model.graph.initializer
-              if len(init.dims) == 2 and init.data_type == onnx.TensorProto.FLOAT}
-    result = []
-    for node in nodes:
-        if node.op_type == "Transpose" and node.output[0] in transposes:
-            continue
-        if node.op_type != "Gather" or not (node.input[0] in transposes or node.input[0] in tables):
-            result.append(node)
-            continue
-        if node.input[0] in transposes:
-            names = lm_head_inputs[transposes[node.input[0]].input[0]]
-            quantized = blocks[lm_head.node.name]
-        else:  # an untied table [vocabulary, hidden]: the lm_head's bits, or 8
-            table = numpy_helper.to_array(tables[node.input[0]]).astype(np.float64)
-            like = blocks[lm_head.node.name] if lm_head is not None else None
-            bits, block_size = (like.bits, like.block_size) if like is not None else (8, DEFAULT_BLOCK_SIZES[8])
-            if table.shape[1] % block_size:
-                result.append(node)
-                continue
-            quantized = (quantize_symmetric(table, 8, block_size) if bits == 8
-                         else quantize_rtn(table, bits, block_size, symmetric=False))
-            names = [f"{node.input[0]}_Q{bits}G{block_size}", f"{node.input[0]}_scale"]
-            new_initializers += [numpy_helper.from_array(pack(quantized.q, bits), names[0]),
-                                 numpy_helper.from_array(quantized.scale, names[1])]
-            if quantized.zero is not None:
-                names.append(f"{node.input[0]}_zero_point")
-                new_initializers.append(numpy_helper.from_array(pack(quantized.zero, bits), names[2]))
-        vocabulary, hidden = quantized.q.shape
-        block_size = quantized.block_size
-        shape_name, flat = f"{names[0]}_rows", f"{node.name}/rows"
-        if not any(init.name == shape_name for init in new_initializers):
-            new_initializers.append(numpy_helper.from_array(
-                np.array([vocabulary, hidden * quantized.bits // 8], dtype=np.int64), shape_name))
-        result.append(helper.make_node("Reshape", [names[0], shape_name], [flat], name=f"{node.name}/Reshape"))
-        result.append(helper.make_node(
-            "GatherBlockQuantized", [flat, node.input[1], *names[1:]], list(node.output),
-            name=f"{node.name}BlockQuantized", domain="com.microsoft", bits=quantized.bits, block_size=block_size,
-            gather_axis=0, quantize_axis=1,
-        ))
-    return result
-
-
-def save(model, directory: Path) -> None:
-    """model.onnx plus one external data file, replacing what is there (the weights are in memory)."""
-    onnx = require("onnx", extra="onnx")
-    directory.mkdir(parents=True, exist_ok=True)
-    for name in (MODEL_FILE, DATA_FILE):
-        (directory / name).unlink(missing_ok=True)
-    onnx.save(model, str(directory / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=DATA_FILE, size_threshold=EXTERNAL_DATA_THRESHOLD)
-
-
-def pack(values: np.ndarray, bits: int) -> np.ndarray:
-    """uint8 rows, two 4-bit values a byte (low nibble first, a row padded to whole bytes) or one 8-bit value."""
-    values = values.astype(np.uint8)
-    if bits == 8:
-        return values
-    if values.shape[-1] % 2:
-        values = np.concatenate([values, np.zeros((*values.shape[:-1], 1), dtype=np.uint8)], axis=-1)
-    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
-
-
-# -- block quantizers (w: [N, K] float64, blocks along K) --------------------------------------
-
-
-def quantize_symmetric(weight: np.ndarray, bits: int, block_size: int) -> Blocks:
-    """Signed blocks, scale = absmax / (2**(bits-1) - 1): exact for GGUF Q8_0 (and Q4_0-like) sources."""
-    n_out, k_in = weight.shape
-    grouped = weight.reshape(n_out, k_in // block_size, block_size)
-    top = 2 ** (bits - 1) - 1
-    scale = np.abs(grouped).max(axis=-1) / top
-    scale[scale == 0] = 1.0
-    q = np.clip(np.round(grouped / scale[..., None]), -top, top) + 2 ** (bits - 1)
-    return Blocks(bits, q.reshape(n_out, k_in).astype(np.uint8), scale.astype(np.float32), None)
-
-
-def quantize_rtn(weight: np.ndarray, bits: int, block_size: int, symmetric: bool) -> Blocks:
-    """Round to nearest; asymmetric blocks span [min(w, 0), max(w, 0)] with an integer zero point."""
-    if symmetric:
-        return quantize_symmetric(weight, bits, block_size)
-    n_out, k_in = weight.shape
-    grouped = weight.reshape(n_out, k_in // block_size, block_size)
-    scale, zero = asymmetric_parameters(grouped.min(axis=-1), grouped.max(axis=-1), bits)
-    q = np.clip(np.round(grouped / scale[..., None]) + zero[..., None], 0, 2**bits - 1)
-    return Blocks(bits, q.reshape(n_out, k_in).astype(np.uint8), scale.astype(np.float32), zero.astype(np.uint8))
-
-
-def asymmetric_parameters(low, high, bits: int):
-    """Scale and integer zero point of blocks spanning [low, high] (widened to hold 0, so 0 is exact)."""
-    xp = np if isinstance(low, np.ndarray) else require("torch", extra="onnx")
-    top = 2**bits - 1
-    low, high = xp.minimum(low, 0 * low), xp.maximum(high, 0 * high)
-    scale = (high - low) / top
-    scale[scale == 0] = 1.0
-    zero = xp.clip(xp.round(-low / scale), 0, top)
-    return scale, zero
-
-
-def quantize_gptq(weight: np.ndarray, moment: np.ndarray, bits: int, block_size: int, symmetric: bool) -> Blocks:
-    """GPTQ (Frantar et al., 2022): quantize column by column, moving each column's error onto the columns
-    not yet quantized through the inverse of ``moment`` (the sum of x x^T over the calibration inputs).
-
-    A block's scale and zero point are taken from the updated weights when the loop reaches its first column.
-    """
-    torch = require("torch", extra="onnx")
-    n_out, k_in = weight.shape
-    top = 2**bits - 1
-    w = torch.tensor(weight, dtype=torch.float32)
-    h = torch.tensor(moment, dtype=torch.float64)
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    h += GPTQ_DAMPING * torch.mean(torch.diag(h)) * torch.eye(k_in, dtype=h.dtype)
-    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
-    q = torch.zeros((n_out, k_in), dtype=torch.uint8)
-    scales = torch.zeros((n_out, k_in // block_size))
-    zeros = torch.zeros((n_out, k_in // block_size))
-    for start in range(0, k_in, GPTQ_COLUMNS):
-        end = min(start + GPTQ_COLUMNS, k_in)
-        chunk, errors, chunk_inverse = w[:, start:end].clone(), torch.zeros((n_out, end - start)), inverse[start:end, start:end]
-        for i in range(end - start):
-            column = start + i
-            if column % block_size == 0:
-                group = chunk[:, i:i + block_size]
-                if symmetric:
-                    scale = group.abs().max(dim=1).values / (2 ** (bits - 1) - 1)
-                    scale[scale == 0] = 1.0
-                    zero = torch.full((n_out,), float(2 ** (bits - 1)))
-                else:
-                    scale, zero = asymmetric_parameters(group.min(dim=1).values, group.max(dim=1).values, bits)
-                scales[:, column // block_size], zeros[:, column // block_size] = scale, zero
-            scale, zero = scales[:, column // block_size], zeros[:, column // block_size]
-            values = chunk[:, i]
-            quantized = torch.clamp(torch.round(values / scale) + zero, 0, top)
-            q[:, column] = quantized.to(torch.uint8)
-            error = (values - scale * (quantized - zero)) / chunk_inverse[i, i]
-            chunk[:, i:] -= error[:, None] * chunk_inverse[i, i:][None, :]
-            errors[:, i] = error
-        w[:, end:] -= errors @ inverse[start:end, end:]
-    zero_points = None if symmetric else zeros.numpy().astype(np.uint8)
-    return Blocks(bits, q.numpy(), scales.numpy().astype(np.float32), zero_points)
-
-
-# -- calibration: second moments of each MatMul's input ---------------------------------------
-
-
-def input_moments(model, targets: list[Target], recipe: Recipe, source_dir: Path) -> dict[str, np.ndarray]:
-    """``sum x x^T`` of the inputs of ``targets`` over the calibration text, from the fp32 graph itself.
-
-    The graph runs in plain onnxruntime with an empty past (so any batch-pinned graph runs with
-    batch 1), each input of a MatMul added as an output.
-    """
-    onnx = require("onnx", extra="onnx")
-    ort = require("onnxruntime", extra="onnx")
-    transformers = require("transformers", extra="onnx")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(source_dir, trust_remote_code=recipe.model.trust_remote_code)
-    q = recipe.quantization
-    limit = min(CALIBRATION_TOKENS, recipe.shapes.sequence_length)
-    samples = [ids for ids in calibration.token_samples(q.dataset, q.num_samples, tokenizer, limit) if ids]
-    wanted = sorted({t.node.input[0] for t in targets})
-    events.info(f"calibrating on {len(samples)} samples of '{q.dataset or 'default'}' ({sum(map(len, samples))} tokens)")
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    graph = probe.graph
-    graph.ClearField("value_info")
-    for value in [*graph.input, *graph.output]:
-        dims = value.type.tensor_type.shape.dim
-        if dims:
-            dims[0].dim_param = "batch_size"  # undo the artifact's pinned batch: calibrate one row at a time
-    existing = {value.name for value in graph.output}
-    graph.output.extend(onnx.helper.make_empty_tensor_value_info(name) for name in wanted if name not in existing)
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    with tempfile.TemporaryDirectory(prefix="llmopt-calibrate-") as scratch:
-        if probe.ByteSize() < PROTOBUF_LIMIT:
-            session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        else:  # past protobuf's 2 GiB: the weights go to a side file
-            onnx.save(probe, f"{scratch}/{MODEL_FILE}", save_as_external_data=True, location=DATA_FILE)
-            session = ort.InferenceSession(f"{scratch}/{MODEL_FILE}", options, providers=["CPUExecutionProvider"])
-    del probe
-    torch = require("torch", extra="onnx")
-    moments = {name: torch.zeros((0,)) for name in wanted}
-    for ids in samples:
-        outputs = session.run(wanted, graph_inputs(session, ids))
-        for name, value in zip(wanted, outputs):
-            x = torch.from_numpy(value.reshape(-1, value.shape[-1]))
-            product = (x.T @ x).double()
-            moments[name] = product if moments[name].numel() == 0 else moments[name] + product
-    return {name: value.numpy() for name, value in moments.items()}
-
-
-def graph_inputs(session, ids: list[int]) -> dict[str, np.ndarray]:
-    """input_ids, attention_mask and empty past key/values for one prompt of the builder's graph."""
-    types = {"tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(float)": np.float32}
-    feeds: dict[str, np.ndarray] = {}
-    for meta in session.get_inputs():
-        dtype = types.get(meta.type, np.float32)
-        if meta.name == "input_ids":
-            feeds[meta.name] = np.asarray([ids], dtype=dtype)
-        elif meta.name == "attention_mask":
-            feeds[meta.name] = np.ones((1, len(ids)), dtype=dtype)
-        elif meta.name == "position_ids":
-            feeds[meta.name] = np.arange(len(ids), dtype=dtype)[None]
-        elif meta.name.startswith("past_key_values"):
-            feeds[meta.name] = np.zeros((1, meta.shape[1], 0, meta.shape[3]), dtype=dtype)
-        else:
-            raise RecipeError(f"cannot calibrate: the graph has an input llmopt does not know ('{meta.name}')",
-                              hint="use quantization.algorithm: rtn (no calibration)")
-    return feeds

@@ -22,7 +22,6 @@ SmolLM2-135M into a repetition loop, so it is never the default. The key/value c
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,9 @@ import numpy as np
 from llmopt import events
 from llmopt._deps import require
 from llmopt.errors import RecipeError
-from llmopt.quantize import calibration, check_format_and_shapes, choose_group_size, matmul_input_sizes, read_config
+from llmopt.quantize import calibration, check_format_and_shapes, choose_group_size, hqq, matmul_input_sizes, read_config
+from llmopt.quantize.openvino_hqq import compress_hqq
+from llmopt.quantize.openvino_nncf import CALIBRATION_TOKENS, DECODE_STEPS, compress_nncf
 from llmopt.recipe import Recipe
 
 MODEL_FILE = "openvino_model.xml"
@@ -50,8 +51,6 @@ SENSITIVITY_METRICS = (
 )
 DATA_FREE_METRICS = ("weight_quantization_error",)
 DEFAULT_DATASET = "default"
-CALIBRATION_TOKENS = 128  # prefill length of one calibration sample
-DECODE_STEPS = 3  # one-token steps after each prefill, fed the text's next tokens
 
 
 # -- pure: check and plan ---------------------------------------------------------------------
@@ -153,7 +152,7 @@ def compression_arguments(recipe: Recipe, group_size: int | str = "<chosen at ex
     q = recipe.quantization
     if method_of(recipe) == "hqq":
         return {"method": "hqq", "mode": "int4_asym", "zero_point": "float (f16)", "group_size": group_size,
-                "embeddings_and_last_matmul": "int4" if q.all_layers else "int8_sym", "max_iterations": _hqq().ITERATIONS}
+                "embeddings_and_last_matmul": "int4" if q.all_layers else "int8_sym", "max_iterations": hqq.ITERATIONS}
     symmetric = bool(q.symmetric)
     arguments: dict[str, Any] = {"method": "nncf", "mode": f"{q.weight_format}_{'sym' if symmetric else 'asym'}"}
     if q.weight_format == "int8":
@@ -166,12 +165,6 @@ def compression_arguments(recipe: Recipe, group_size: int | str = "<chosen at ex
     if needs_data(recipe):
         arguments["dataset"] = q.dataset or DEFAULT_DATASET
     return arguments
-
-
-def _hqq():
-    from llmopt.quantize import hqq
-
-    return hqq
 
 
 def nncf_algorithms(recipe: Recipe) -> tuple[bool, bool, bool]:
@@ -281,135 +274,6 @@ def compress_file(recipe: Recipe, source: Path, destination: Path, group_size: i
     os.replace(staged.with_suffix(".bin"), destination.with_suffix(".bin"))
     os.replace(staged, destination)
     return {**arguments, "weights": weight_statistics(destination)}
-
-
-# -- NNCF -------------------------------------------------------------------------------------
-
-
-def compress_nncf(model, recipe: Recipe, arguments: dict[str, Any], tokenizer):
-    nncf = require("nncf", extra="openvino")
-    call = {key: value for key, value in arguments.items() if key != "method"}
-    call["mode"] = nncf.CompressWeightsMode(call["mode"])
-    if "sensitivity_metric" in call:
-        call["sensitivity_metric"] = nncf.SensitivityMetric(call["sensitivity_metric"])
-    pinned = {port.get_any_name(): port.get_partial_shape() for port in model.inputs}
-    if "dataset" in call:
-        model.reshape({name: batch_one(shape) for name, shape in pinned.items()})
-        items = calibration_items(recipe, tokenizer, call["dataset"])
-        call["dataset"] = nncf.Dataset(items)
-        call["subset_size"] = len(items)
-    from llmopt.exporters.openvino import backend_output_hidden
-
-    nncf_logger = logging.getLogger("nncf")  # its bit-width table goes to the logger, not stdout
-    level = nncf_logger.level
-    nncf_logger.setLevel(logging.WARNING)
-    try:
-        with backend_output_hidden("nncf"):
-            compressed = nncf.compress_weights(model, **call)
-    finally:
-        nncf_logger.setLevel(level)
-    if "dataset" in call:
-        compressed.reshape(pinned)
-    return compressed
-
-
-def batch_one(shape):
-    """The pinned input shape with batch 1, for calibration (the statistics do not depend on the batch)."""
-    dims = list(shape)
-    dims[0] = 1
-    return type(shape)(dims)
-
-
-def calibration_items(recipe: Recipe, tokenizer, dataset: str) -> list[dict[str, Any]]:
-    """Inputs of the stateful IR: per sample, a prefill (state reset) then DECODE_STEPS single tokens."""
-    from nncf.definitions import NNCF_DATASET_RESET_STATE_KEY as RESET
-
-    limit = min(CALIBRATION_TOKENS + DECODE_STEPS, recipe.shapes.sequence_length)
-    samples = calibration.token_samples(dataset, recipe.quantization.num_samples, tokenizer, limit)
-    items = []
-    for ids in samples:
-        prefill = ids[: max(1, len(ids) - DECODE_STEPS)]
-        items.append({RESET: True, **stateful_inputs(prefill, 0)})
-        for offset, token in enumerate(ids[len(prefill):]):
-            items.append({RESET: False, **stateful_inputs([token], len(prefill) + offset)})
-    return items
-
-
-def stateful_inputs(ids: list[int], past: int) -> dict[str, np.ndarray]:
-    length = len(ids)
-    return {
-        "input_ids": np.asarray([ids], dtype=np.int64),
-        "attention_mask": np.ones((1, past + length), dtype=np.int64),
-        "position_ids": np.arange(past, past + length, dtype=np.int64)[None],
-        "beam_idx": np.zeros(1, dtype=np.int32),
-    }
-
-
-# -- HQQ: float zero points -------------------------------------------------------------------
-
-
-def linear_weights(model) -> list[tuple[Any, Any, bool]]:
-    """(weight output, the Constant node, is_backup) for each 2D constant weight of a MatMul (x @ W^T).
-
-    Backup layers (int8 unless all_layers) are the embeddings (a constant a Gather reads) and the
-    last MatMul (its output is a model result, through at most a Convert).
-    """
-    found: dict[str, tuple[Any, Any, bool]] = {}
-    for op in model.get_ordered_ops():
-        if op.get_type_name() != "MatMul" or not op.get_attributes().get("transpose_b"):
-            continue
-        weight = op.input_value(1)
-        constant = weight.get_node()
-        if constant.get_type_name() == "Convert":
-            constant = constant.input_value(0).get_node()
-        if constant.get_type_name() != "Constant" or len(constant.get_output_shape(0)) != 2:
-            continue
-        if not constant.get_output_element_type(0).is_real():
-            continue
-        readers = [target.get_node().get_type_name() for target in constant.output(0).get_target_inputs()]
-        backup = "Gather" in readers or _feeds_result(op)
-        name = constant.get_friendly_name()
-        found[name] = (weight, constant, backup or found.get(name, (None, None, False))[2])
-    return list(found.values())
-
-
-def _feeds_result(op) -> bool:
-    for target in op.output(0).get_target_inputs():
-        node = target.get_node()
-        if node.get_type_name() == "Result":
-            return True
-        if node.get_type_name() == "Convert" and any(
-            nested.get_node().get_type_name() == "Result" for nested in node.output(0).get_target_inputs()
-        ):
-            return True
-    return False
-
-
-def compress_hqq(model, group_size: int, all_layers: bool) -> None:
-    """Replace each linear weight by an int4 (HQQ) or int8 (backup) constant and its decompression."""
-    ov = require("openvino", extra="openvino")
-    ops = require("openvino.opset13", extra="openvino")
-    hqq = _hqq()
-    for weight, constant, backup in linear_weights(model):
-        data = constant.get_data().astype(np.float32)
-        out_features, in_features = data.shape
-        if backup and not all_layers:
-            quantized = hqq.quantize_sym(data, group_size, bits=8)
-            packed = ops.constant(quantized.q, ov.Type.i8)
-        else:
-            quantized = hqq.quantize_asym(data, group_size, bits=4)
-            packed = ops.constant(quantized.q, ov.Type.u4)
-        values = ops.convert(packed, ov.Type.f16)
-        if quantized.zero is not None:
-            values = ops.subtract(values, ops.constant(quantized.zero.astype(np.float16)))
-        values = ops.multiply(values, ops.constant(quantized.scale.astype(np.float16)))
-        values = ops.reshape(values, ops.constant(np.array([out_features, in_features], dtype=np.int64)), False)
-        decompressed = ops.convert(values, constant.get_output_element_type(0))
-        name = constant.get_friendly_name()
-        packed.set_friendly_name(name)
-        decompressed.set_friendly_name(f"{name}/decompressed")
-        for target in list(constant.output(0).get_target_inputs()):
-            target.replace_source_output(decompressed.output(0))
 
 
 def weight_statistics(model_path: Path) -> dict[str, int]:

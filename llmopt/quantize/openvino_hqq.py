@@ -1,0 +1,77 @@
+"""HQQ int4 in the OpenVINO IR: each linear weight replaced by a u4 (or i8) constant and its decompression.
+
+The arrays come from ``llmopt.quantize.hqq``; the decompression (Convert -> Subtract float zero
+point -> Multiply scale) is the pattern OpenVINO's CPU plugin fuses into FullyConnected.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from llmopt._deps import require
+from llmopt.quantize import hqq
+
+
+def linear_weights(model) -> list[tuple[Any, Any, bool]]:
+    """(weight output, the Constant node, is_backup) for each 2D constant weight of a MatMul (x @ W^T).
+
+    Backup layers (int8 unless all_layers) are the embeddings (a constant a Gather reads) and the
+    last MatMul (its output is a model result, through at most a Convert).
+    """
+    found: dict[str, tuple[Any, Any, bool]] = {}
+    for op in model.get_ordered_ops():
+        if op.get_type_name() != "MatMul" or not op.get_attributes().get("transpose_b"):
+            continue
+        weight = op.input_value(1)
+        constant = weight.get_node()
+        if constant.get_type_name() == "Convert":
+            constant = constant.input_value(0).get_node()
+        if constant.get_type_name() != "Constant" or len(constant.get_output_shape(0)) != 2:
+            continue
+        if not constant.get_output_element_type(0).is_real():
+            continue
+        readers = [target.get_node().get_type_name() for target in constant.output(0).get_target_inputs()]
+        backup = "Gather" in readers or _feeds_result(op)
+        name = constant.get_friendly_name()
+        found[name] = (weight, constant, backup or found.get(name, (None, None, False))[2])
+    return list(found.values())
+
+
+def _feeds_result(op) -> bool:
+    for target in op.output(0).get_target_inputs():
+        node = target.get_node()
+        if node.get_type_name() == "Result":
+            return True
+        if node.get_type_name() == "Convert" and any(
+            nested.get_node().get_type_name() == "Result" for nested in node.output(0).get_target_inputs()
+        ):
+            return True
+    return False
+
+
+def compress_hqq(model, group_size: int, all_layers: bool) -> None:
+    """Replace each linear weight by an int4 (HQQ) or int8 (backup) constant and its decompression."""
+    ov = require("openvino", extra="openvino")
+    ops = require("openvino.opset13", extra="openvino")
+    for weight, constant, backup in linear_weights(model):
+        data = constant.get_data().astype(np.float32)
+        out_features, in_features = data.shape
+        if backup and not all_layers:
+            quantized = hqq.quantize_sym(data, group_size, bits=8)
+            packed = ops.constant(quantized.q, ov.Type.i8)
+        else:
+            quantized = hqq.quantize_asym(data, group_size, bits=4)
+            packed = ops.constant(quantized.q, ov.Type.u4)
+        values = ops.convert(packed, ov.Type.f16)
+        if quantized.zero is not None:
+            values = ops.subtract(values, ops.constant(quantized.zero.astype(np.float16)))
+        values = ops.multiply(values, ops.constant(quantized.scale.astype(np.float16)))
+        values = ops.reshape(values, ops.constant(np.array([out_features, in_features], dtype=np.int64)), False)
+        decompressed = ops.convert(values, constant.get_output_element_type(0))
+        name = constant.get_friendly_name()
+        packed.set_friendly_name(name)
+        decompressed.set_friendly_name(f"{name}/decompressed")
+        for target in list(constant.output(0).get_target_inputs()):
+            target.replace_source_output(decompressed.output(0))
