@@ -45,6 +45,17 @@ class NeuronInstance:
     def memory_per_core_bytes(self) -> int:
         return self.device_memory_bytes // self.neuron_cores
 
+    @property
+    def platform_target(self) -> str:
+        """The compiler's platform target for this family (what NEURON_PLATFORM_TARGET_OVERRIDE must say)."""
+        return NEURON_PLATFORM_TARGETS[self.family]
+
+
+# optimum-neuron's own map from instance family to compiler platform target (utils/instance.py,
+# INSTANCE_VALUE_MAP, identical in 0.4.0-0.4.5): Inferentia2 compiles for the trn1 target, and an
+# export refuses a NEURON_PLATFORM_TARGET_OVERRIDE that differs from it.
+NEURON_PLATFORM_TARGETS = {"inf2": "trn1", "trn1": "trn1", "trn1n": "trn1", "trn2": "trn2"}
+
 
 def _inst(name: str, family: str, chips: int, cores: int, device_gib: int, host_gib: int) -> NeuronInstance:
     return NeuronInstance(name, family, chips, cores, device_gib * GIB, host_gib * GIB)
@@ -70,6 +81,10 @@ REPETITION_PENALTY_REFUSED = (
     "{where}: a repetition penalty is not available on the neuron target (optimum-neuron samples on the "
     "device with temperature, top_k and top_p only, and ignores it); leave it at 1.0"
 )
+
+# ... and its top-k is 1 to 256 (optimum-neuron's sampling config refuses 0 and anything above).
+NEURON_MAX_TOP_K = 256
+NEURON_TOP_K_REFUSED = "{where}: {value} is not available on the neuron target; on-device sampling takes top_k 1 to 256"
 
 # A NeuronCore-v2 (Inf2, Trn1) addresses half of its chip's 32 GiB: the unit of the memory check
 # when the recipe names no instance.

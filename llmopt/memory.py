@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,25 @@ class ModelDims:
     @property
     def parameters(self) -> int:
         return self.linear_parameters + self.other_parameters
+
+    def padded_for_neuron(self, tensor_parallel_size: int) -> "ModelDims":
+        """The heads optimum-neuron allocates when sharding over ``tensor_parallel_size`` NeuronCores.
+
+        optimum-neuron's GQA sharding (backend/modules/attention/gqa.py, 0.4.0-0.4.5) pads the query
+        heads to a multiple of the cores; the KV heads follow the query heads for multi-head attention,
+        are replicated up to the core count when it is a multiple of them, and are otherwise converted
+        to multi-head attention. The KV cache and the q/k/v/o weights are allocated at the padded counts:
+        Llama-2-7B (32 heads) on 24 cores gets 48 query and 48 KV heads, 1.5 times its KV cache.
+        """
+        tp = tensor_parallel_size
+        heads = -(-self.num_heads // tp) * tp
+        if self.num_kv_heads == self.num_heads:
+            kv_heads = heads
+        elif self.num_kv_heads < tp or self.num_kv_heads % tp:
+            kv_heads = tp if tp % self.num_kv_heads == 0 else heads
+        else:
+            kv_heads = self.num_kv_heads
+        return replace(self, num_heads=heads, num_kv_heads=kv_heads)
 
     def matmul_in_features(self) -> set[int]:
         """Input widths of the decoder matmuls: an int4 group size must divide each of them."""
@@ -231,6 +250,7 @@ def estimate(
     group_size: int | None = None,
     kv_cache_dtype: str | None = None,
     source: str = "config.json",
+    neuron_tensor_parallel: int | None = None,
 ) -> MemoryEstimate:
     """Weights + KV cache bytes for a model config at a precision; ``unknown`` without a config."""
     if config is None:
@@ -239,6 +259,16 @@ def estimate(
         dims = ModelDims.from_config(config)
     except ValueError as exc:
         return MemoryEstimate(status="unknown", source=f"{source}: {exc}")
+    notes = []
+    if neuron_tensor_parallel:
+        padded = dims.padded_for_neuron(neuron_tensor_parallel)
+        if (padded.num_heads, padded.num_kv_heads) != (dims.num_heads, dims.num_kv_heads):
+            notes.append(
+                f"optimum-neuron pads the attention heads for {neuron_tensor_parallel} NeuronCores: "
+                f"{dims.num_heads} -> {padded.num_heads} query heads, {dims.num_kv_heads} -> {padded.num_kv_heads} "
+                "KV heads (KV cache and attention weights counted padded)"
+            )
+        dims = padded
     kv_dtype = kv_cache_dtype if kv_cache_dtype not in (None, "auto") else dtype
     per_param = weight_bytes_per_parameter(weight_format, dtype, group_size)
     weights = dims.linear_parameters * per_param + dims.other_parameters * DTYPE_BYTES[dtype]
@@ -263,10 +293,12 @@ def estimate(
             f"{dims.num_kv_heads} x head_dim {dims.head_dim} x {kv_bytes:g} bytes"
         ),
         total_bytes=int(weights + kv),
+        notes=notes,
     )
 
 
-def estimate_for_recipe(recipe, kv_cache_dtype: str | None = None) -> MemoryEstimate:
+def estimate_for_recipe(recipe, kv_cache_dtype: str | None = None,
+                        neuron_tensor_parallel: int | None = None) -> MemoryEstimate:
     """The estimate for a recipe's model, shapes and precision (device added by the caller)."""
     config, source = find_config(recipe.model.id, recipe.model.revision)
     quantization = recipe.quantization
@@ -280,6 +312,7 @@ def estimate_for_recipe(recipe, kv_cache_dtype: str | None = None) -> MemoryEsti
         group_size=quantization.group_size,
         kv_cache_dtype=kv if kv in DTYPE_BYTES else None,
         source=source,
+        neuron_tensor_parallel=neuron_tensor_parallel,
     )
 
 

@@ -80,14 +80,18 @@ def test_shipped_recipe_resolves_to_the_guide_arguments(capsys, name):
     # The guide's own dicts, verbatim (GUIDE):
     assert plan["compiler_args"] == {"num_cores": cores, "auto_cast_type": "fp16"}
     assert plan["input_shapes"] == {"batch_size": batch, "sequence_length": 2048}
-    assert plan["legacy_from_pretrained"] == {"export": True, "num_cores": cores, "auto_cast_type": "fp16",
-                                              "batch_size": batch, "sequence_length": 2048}
     # The same values in optimum-neuron>=0.4's form, tensor_parallel_size always given:
     assert plan["get_neuron_config"] == {"batch_size": batch, "sequence_length": 2048,
                                          "tensor_parallel_size": cores, "instance_type": "inf2"}
-    assert plan["torch_dtype"] == "float16" and plan["auto_cast_type"] == "fp16"
+    assert plan["torch_dtype"] == "float16"
     assert plan["export"] == {"load_weights": False}
-    assert plan["env"] == {}  # the guide sets no NEURON_CC_FLAGS
+    # optimum-neuron's own platform target for inf2 (utils/instance.py: inf2 -> trn1); no NEURON_CC_FLAGS.
+    assert plan["platform_target"] == "trn1" and plan["env"] == {"NEURON_PLATFORM_TARGET_OVERRIDE": "trn1"}
+    # Heads padded to a multiple of the cores (gqa.py): 32 (7B) and 40 (13B) heads become 48 on 24 cores.
+    heads = plan["attention_heads"]
+    expected = {2: 32, 24: 48}[cores]
+    assert (heads["padded_heads"], heads["padded_kv_heads"]) == (expected, expected)
+    assert heads["per_core"] == {"heads": expected // cores, "kv_heads": expected // cores}
     assert plan["instance"]["type"] == instance and plan["instance"]["neuron_cores"] >= cores
     assert plan["reference"] == GUIDE
     estimate = plan["memory_estimate"]
@@ -118,7 +122,7 @@ def test_plan_flags_and_compile_only(capsys):
     assert code == 0, err
     assert result["plan"]["env"] == {
         "NEURON_CC_FLAGS": "--optlevel=3 --enable-fast-loading-neuron-binaries",
-        "NEURON_PLATFORM_TARGET_OVERRIDE": "inf2",
+        "NEURON_PLATFORM_TARGET_OVERRIDE": "trn1",  # optimum-neuron refuses 'inf2' here: it compiles inf2 for trn1
     }
 
 
@@ -128,6 +132,7 @@ def test_cores_default_to_the_instance_and_tensor_parallel_size_is_accepted(caps
     plan = neuron_exporter.NeuronExporter().plan(recipe)
     assert plan["get_neuron_config"]["tensor_parallel_size"] == 12
     assert plan["compiler_args"] == {"num_cores": 12, "auto_cast_type": "bf16"} and plan["torch_dtype"] == "bfloat16"
+    assert plan["attention_heads"]["padded_heads"] == 36  # 32 heads on 12 cores
     recipe = resolve(overrides={"model.id": "x/y", "target": "neuron", "neuron.tensor_parallel_size": 8})
     assert neuron_exporter.NeuronExporter().plan(recipe)["get_neuron_config"]["tensor_parallel_size"] == 8
     recipe = resolve(overrides={"model.id": "x/y", "target": "neuron"})
@@ -326,71 +331,76 @@ class _FakeNeuronModel:
         self.calls.append(("save_pretrained", directory))
 
 
-def _fake_class(kind: str):
+def _fake_class():
+    """A stand-in with optimum-neuron 0.4.2+'s signatures (checked against the wheels in test_vendor_conformance)."""
     calls: list = []
 
     class NeuronModelForCausalLM:
-        pass
-
-    if kind == "0.4.0":
-        def get_neuron_config(cls, model_name_or_path, config=None, token=None, revision=None, instance_type=None,
-                              batch_size=None, sequence_length=None, tensor_parallel_size=None, auto_cast_type=None):
-            calls.append(("get_neuron_config", model_name_or_path, dict(instance_type=instance_type, batch_size=batch_size,
-                          sequence_length=sequence_length, tensor_parallel_size=tensor_parallel_size,
-                          auto_cast_type=auto_cast_type), config))
-            return {"neuron": True}
-    else:  # 0.4.1+: the dtype comes from the config
+        @classmethod
         def get_neuron_config(cls, model_name_or_path, config=None, token=None, revision=None, instance_type=None,
                               batch_size=None, sequence_length=None, tensor_parallel_size=None):
             calls.append(("get_neuron_config", model_name_or_path, dict(instance_type=instance_type, batch_size=batch_size,
                           sequence_length=sequence_length, tensor_parallel_size=tensor_parallel_size), config))
             return {"neuron": True}
 
-    def export(cls, model_id, neuron_config, config=None, load_weights=False, **kwargs):
-        calls.append(("export", model_id, neuron_config, load_weights))
-        return _FakeNeuronModel("export")
+        @classmethod
+        def export(cls, model_id, neuron_config, config=None, token=None, revision=None, load_weights=False, **kwargs):
+            calls.append(("export", model_id, neuron_config, load_weights))
+            return _FakeNeuronModel("export")
 
-    def from_pretrained(cls, model_id, **kwargs):
-        calls.append(("from_pretrained", model_id, kwargs))
-        return _FakeNeuronModel("from_pretrained")
-
-    if kind != "legacy":
-        NeuronModelForCausalLM.get_neuron_config = classmethod(get_neuron_config)
-        NeuronModelForCausalLM.export = classmethod(export)
-    NeuronModelForCausalLM.from_pretrained = classmethod(from_pretrained)
     return NeuronModelForCausalLM, calls
 
 
-@pytest.mark.parametrize("kind", ["0.4.0", "0.4.5"])
-def test_compile_model_uses_get_neuron_config_then_export(tiny_llama, kind):
+def test_compile_model_uses_get_neuron_config_then_export(tiny_llama):
     recipe = resolve(CONFIGS / "llama2-13b-neuron-throughput.yaml")
     plan = neuron_exporter.NeuronExporter().plan(recipe)
-    model_class, calls = _fake_class(kind)
+    model_class, calls = _fake_class()
     model, api = neuron_exporter.compile_model(model_class, tiny_llama, plan)
     assert api == "get_neuron_config+export" and model.how == "export"
     (_, path, kwargs, config), export_call = calls
     assert path == str(tiny_llama)
     assert kwargs["batch_size"] == 4 and kwargs["sequence_length"] == 2048
     assert kwargs["tensor_parallel_size"] == 24 and kwargs["instance_type"] == "inf2"
-    if kind == "0.4.0":
-        assert kwargs["auto_cast_type"] == "fp16"
     import torch
 
-    assert config.torch_dtype == torch.float16  # what optimum-neuron>=0.4.1 reads
+    assert config.dtype == torch.float16  # what optimum-neuron>=0.4.2 reads (transformers 4.57: config.dtype)
     assert export_call == ("export", str(tiny_llama), {"neuron": True}, False)
 
 
-def test_compile_model_falls_back_to_the_guide_call(tiny_llama):
-    plan = neuron_exporter.NeuronExporter().plan(resolve(CONFIGS / "llama2-7b-neuron-budget.yaml"))
-    model_class, calls = _fake_class("legacy")
-    _, api = neuron_exporter.compile_model(model_class, tiny_llama, plan)
-    assert api == "from_pretrained(export=True)"
-    assert calls == [("from_pretrained", str(tiny_llama), {"export": True, "num_cores": 2, "auto_cast_type": "fp16",
-                                                           "batch_size": 1, "sequence_length": 2048})]
+def test_releases_that_cannot_save_are_refused_before_any_work():
+    neuron_exporter.check_optimum_neuron_version("0.4.5")
+    neuron_exporter.check_optimum_neuron_version("0.4.2")
+    for bad in ("0.4.1", "0.4.0", "0.3.0", "0.5.0"):
+        with pytest.raises(MissingDependencyError, match=f"optimum-neuron>=0.4.2,<0.5, this machine has {bad}"):
+            neuron_exporter.check_optimum_neuron_version(bad)
+
+
+@pytest.mark.parametrize("heads, kv_heads, tp, padded", [
+    (32, 32, 2, (32, 32)),    # Llama-2-7B on one inf2 chip
+    (32, 32, 24, (48, 48)),   # Llama-2-7B on inf2.48xlarge: MHA heads padded to 48
+    (40, 40, 24, (48, 48)),   # Llama-2-13B
+    (32, 8, 2, (32, 8)),      # Llama-3.1-8B, GQA that divides
+    (32, 8, 24, (48, 24)),    # Llama-3.1-8B on 24 cores: KV heads replicated to the cores
+    (32, 8, 12, (36, 36)),    # 12 cores are no multiple of 8 KV heads: converted to multi-head attention
+])
+def test_head_padding_follows_optimum_neurons_rule(heads, kv_heads, tp, padded):
+    dims = memory.ModelDims(vocab_size=32000, hidden_size=heads * 128, intermediate_size=11008, num_layers=32,
+                            num_heads=heads, num_kv_heads=kv_heads, head_dim=128)
+    result = dims.padded_for_neuron(tp)
+    assert (result.num_heads, result.num_kv_heads) == padded
+
+
+def test_memory_estimate_counts_the_padded_kv_cache():
+    config = memory.KNOWN_MODELS[0][2]  # Llama-2-7B
+    plain = memory.estimate(config, 1, 4096, "bf16")
+    padded = memory.estimate(config, 1, 4096, "bf16", neuron_tensor_parallel=24)
+    assert plain.kv_cache_bytes == 2 * GIB and padded.kv_cache_bytes == 3 * GIB  # 1.5x, as optimum-neuron allocates
+    assert padded.weights_bytes > plain.weights_bytes and "32 -> 48 query heads" in padded.notes[0]
+    assert memory.estimate(config, 1, 4096, "bf16", neuron_tensor_parallel=2).notes == []
 
 
 def test_export_saves_into_the_workdir_and_records_versions(tiny_llama, tmp_path, monkeypatch):
-    model_class, calls = _fake_class("0.4.5")
+    model_class, calls = _fake_class()
     fake = types.ModuleType("optimum.neuron")
     fake.NeuronModelForCausalLM = model_class
     monkeypatch.setitem(sys.modules, "optimum.neuron", fake)
@@ -414,7 +424,7 @@ def test_export_saves_into_the_workdir_and_records_versions(tiny_llama, tmp_path
     runtime = result.runtime
     assert runtime["api"] == "get_neuron_config+export" and runtime["padding_side"] == "right"
     assert runtime["compiler_args"] == {"num_cores": 24, "auto_cast_type": "fp16"}
-    assert runtime["env"] == {"NEURON_CC_FLAGS": "--optlevel=2"}
+    assert runtime["env"] == {"NEURON_CC_FLAGS": "--optlevel=2", "NEURON_PLATFORM_TARGET_OVERRIDE": "trn1"}
     assert set(runtime["versions"]) >= {"optimum-neuron", "neuronx-cc"}
 
 

@@ -1,46 +1,53 @@
-"""AWS Inferentia2 / Trainium: compile with optimum-neuron's ``NeuronModelForCausalLM``.
+"""AWS Inferentia2 / Trainium: compile with optimum-neuron's ``NeuronModelForCausalLM`` (0.4.2 - 0.4.x).
 
-The recipe's shapes and precision become optimum-neuron's export arguments, the way the
-optimum-neuron Llama-2 guide writes them (https://huggingface.co/blog/inferentia-llama2):
-
-    compiler_args = {"num_cores": 24, "auto_cast_type": "fp16"}
-    input_shapes = {"batch_size": 1, "sequence_length": 2048}
-    model = NeuronModelForCausalLM.from_pretrained("meta-llama/Llama-2-13b-hf", export=True,
-                                                   **compiler_args, **input_shapes)
-
-optimum-neuron 0.4 (the NxD backend) replaced that call with two steps, which this exporter uses
-whenever the installed optimum-neuron has them::
+The optimum-neuron Llama-2 guide (https://huggingface.co/blog/inferentia-llama2) writes a build as
+``compiler_args = {"num_cores": 24, "auto_cast_type": "fp16"}`` and ``input_shapes = {"batch_size":
+1, "sequence_length": 2048}``; the plan shows the recipe in that form too. optimum-neuron 0.4 (the
+NxD backend) builds it in two steps, which this exporter calls::
 
     neuron_config = NeuronModelForCausalLM.get_neuron_config(checkpoint, config=config, batch_size=...,
                         sequence_length=..., tensor_parallel_size=..., instance_type="inf2")
     model = NeuronModelForCausalLM.export(checkpoint, neuron_config, config=config, load_weights=False)
     model.save_pretrained(artifact)
 
-``tensor_parallel_size`` is always passed (0.4 otherwise takes every core of the build host). The
-precision is ``auto_cast_type`` in the guide and in optimum-neuron 0.3/0.4.0; from 0.4.1 on it is
-the model config's ``torch_dtype``, which this exporter sets on the config it passes. Only greedy
-and top-k/top-p/temperature sampling exist on Neuron; weight quantization (int8/int4/fp8) is not
-part of optimum-neuron's causal-LM export, so such recipes are refused.
+What optimum-neuron's own code decides, and llmopt follows (checked against its wheels in
+tests/test_vendor_conformance.py):
+- ``tensor_parallel_size`` is always passed (unset, 0.4.1+ uses 0 cores on a host without devices).
+- The precision is the config's dtype attribute (``dtype`` on transformers >= 4.56, else ``torch_dtype``).
+- The compiler's platform target comes from the instance family with optimum-neuron's own map
+  (inf2, trn1, trn1n -> trn1; trn2 -> trn2) and is set as ``NEURON_PLATFORM_TARGET_OVERRIDE`` before
+  the import: an export refuses a mismatch, which is what a CI host without devices needs to get right.
+- Attention heads are padded to a multiple of the cores (Llama-2-7B on 24 cores: 32 -> 48), and the
+  memory estimate counts the padded KV cache and weights.
+- Sampling runs on the device with temperature / top-k (1 to 256) / top-p only: a repetition penalty
+  would be ignored silently, so it is refused. Weight quantization is not part of the causal-LM
+  export, so int8/int4/fp8 recipes are refused too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-import inspect
 import os
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+
 from llmopt import events, memory
-from llmopt._deps import install_hint, version_of
+from llmopt._deps import dtype_keyword, install_hint, version_of
 from llmopt.errors import MissingDependencyError, RecipeError
 from llmopt.exporters.base import Exporter, ExportResult
-from llmopt.hardware import NEURON_CORE_V2_MEMORY_BYTES, REPETITION_PENALTY_REFUSED, NeuronInstance, neuron_device_present, neuron_instance
+from llmopt.hardware import (NEURON_CORE_V2_MEMORY_BYTES, NEURON_MAX_TOP_K, NEURON_TOP_K_REFUSED,
+                             REPETITION_PENALTY_REFUSED, NeuronInstance, neuron_device_present, neuron_instance)
 from llmopt.recipe import Recipe
 
 GUIDE_URL = "https://huggingface.co/blog/inferentia-llama2"
+# The releases this exporter is written and checked against (tests/test_vendor_conformance.py reads
+# their wheels): 0.4.2 is the first whose save_pretrained works with the config dtype it reads.
+OPTIMUM_NEURON_RANGE = ">=0.4.2,<0.5"
 AUTO_CAST_TYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 DEFAULT_CORES = 2  # one Inferentia2 / Trainium chip
@@ -132,6 +139,9 @@ class NeuronExporter(Exporter):
             )
         if recipe.generation.repetition_penalty != 1.0:
             raise RecipeError(REPETITION_PENALTY_REFUSED.format(where="recipe field 'generation.repetition_penalty'"))
+        if not 1 <= recipe.generation.top_k <= NEURON_MAX_TOP_K:
+            raise RecipeError(NEURON_TOP_K_REFUSED.format(where="recipe field 'generation.top_k'",
+                                                          value=recipe.generation.top_k))
         cores, instance = resolve_cores(recipe)
         if instance is not None and cores > instance.neuron_cores:
             field = "neuron.tensor_parallel_size" if recipe.neuron.tensor_parallel_size else "neuron.num_cores"
@@ -152,7 +162,7 @@ class NeuronExporter(Exporter):
     def memory_estimate(self, recipe: Recipe) -> memory.MemoryEstimate:
         """Weights + KV cache against the memory of the NeuronCores the model is sharded over."""
         cores, instance = resolve_cores(recipe)
-        estimate = memory.estimate_for_recipe(recipe, kv_cache_dtype=recipe.precision.dtype)
+        estimate = memory.estimate_for_recipe(recipe, kv_cache_dtype=recipe.precision.dtype, neuron_tensor_parallel=cores)
         per_core = instance.memory_per_core_bytes if instance else NEURON_CORE_V2_MEMORY_BYTES
         where = f"of {instance.name}" if instance else "(NeuronCore-v2)"
         estimate.with_device(f"{cores} NeuronCores {where} at {per_core / 2**30:g} GiB each", cores * per_core)
@@ -173,13 +183,16 @@ class NeuronExporter(Exporter):
         flags = neuron_cc_flags(recipe.neuron.compiler_args)
         if flags:
             env["NEURON_CC_FLAGS"] = flags
-        if recipe.neuron.compile_only and instance is not None:
-            env["NEURON_PLATFORM_TARGET_OVERRIDE"] = instance.family
+        if instance is not None:
+            # optimum-neuron's own value for the family (inf2 -> trn1): an export refuses any other, and
+            # importing optimum.neuron on a host without a device would otherwise set trn1 by itself.
+            env["NEURON_PLATFORM_TARGET_OVERRIDE"] = instance.platform_target
         return {
             "backend": "optimum-neuron",
+            "requires": f"optimum-neuron{OPTIMUM_NEURON_RANGE}",
             "reference": GUIDE_URL,
             "calls": [
-                "config = AutoConfig.from_pretrained(checkpoint).get_text_config(); config.torch_dtype = <torch_dtype>",
+                f"config = AutoConfig.from_pretrained(checkpoint).get_text_config(); config.{dtype_keyword()} = <torch_dtype>",
                 "neuron_config = NeuronModelForCausalLM.get_neuron_config(checkpoint, config=config, **get_neuron_config)",
                 "model = NeuronModelForCausalLM.export(checkpoint, neuron_config, config=config, **export)",
                 "model.save_pretrained(<artifact>)",
@@ -190,18 +203,17 @@ class NeuronExporter(Exporter):
                 "tensor_parallel_size": cores,
                 "instance_type": instance.family if instance else None,
             },
-            # optimum-neuron>=0.4.1 reads the precision from the config; 0.3 and 0.4.0 also take auto_cast_type.
-            "torch_dtype": TORCH_DTYPES[dtype],
-            "auto_cast_type": AUTO_CAST_TYPES[dtype],
+            "torch_dtype": TORCH_DTYPES[dtype],  # optimum-neuron>=0.4.1 reads the precision from the config
             "export": {"load_weights": False},
-            # The guide's form, used as is by optimum-neuron releases without get_neuron_config/export.
+            # The guide's form of the same build (optimum-neuron < 0.4), for comparison with its tables.
             "compiler_args": compiler_args,
             "input_shapes": input_shapes,
-            "legacy_from_pretrained": {"export": True, **compiler_args, **input_shapes},
+            "platform_target": instance.platform_target if instance else None,
+            "attention_heads": attention_heads(recipe, cores),
             "env": env,
             "instance": None if instance is None else {
-                "type": instance.name, "family": instance.family, "neuron_cores": instance.neuron_cores,
-                "device_memory_gib": instance.device_memory_bytes // 2**30,
+                "type": instance.name, "family": instance.family, "platform_target": instance.platform_target,
+                "neuron_cores": instance.neuron_cores, "device_memory_gib": instance.device_memory_bytes // 2**30,
                 "host_memory_gib": instance.host_memory_bytes // 2**30,
             },
             "memory_estimate": self.memory_estimate(recipe).to_dict(),
@@ -224,6 +236,7 @@ class NeuronExporter(Exporter):
                 f"the 'neuron' target needs {names}, not found on this machine; "
                 f"install with: {install_hint('neuron')}, or set neuron.compile_only with an instance_type"
             )
+        check_optimum_neuron_version(version_of("optimum-neuron"))
 
     def export(self, recipe: Recipe, checkpoint: Path, workdir: Path) -> ExportResult:
         plan = self.plan(recipe)
@@ -236,10 +249,9 @@ class NeuronExporter(Exporter):
                 model, api_used = compile_model(NeuronModelForCausalLM, checkpoint, plan)
             model.save_pretrained(str(workdir))
         versions = {name: version_of(name) for name in NEURON_DISTRIBUTIONS}
-        new_api = api_used == "get_neuron_config+export"
         return ExportResult(
             io={"batch_size": recipe.shapes.batch_size, "sequence_length": recipe.shapes.sequence_length,
-                "padding_side": "right" if new_api else "left"},
+                "padding_side": "right"},
             runtime={
                 "loader": "optimum.neuron.NeuronModelForCausalLM.from_pretrained",
                 "api": api_used,
@@ -250,9 +262,18 @@ class NeuronExporter(Exporter):
                 "env": plan["env"],
                 "instance": plan["instance"],
                 "versions": versions,
-                # optimum-neuron>=0.4 refuses left padding; the older backend wanted it.
-                "padding_side": "right" if new_api else "left",
+                "padding_side": "right",  # optimum-neuron 0.4 decodes right-padded rows only
             },
+        )
+
+
+def check_optimum_neuron_version(installed: str | None) -> None:
+    """optimum-neuron 0.4.0 and 0.4.1 (transformers 4.55) fail in save_pretrained on the config's dtype."""
+    if installed is not None and Version(installed) not in SpecifierSet(OPTIMUM_NEURON_RANGE):
+        raise MissingDependencyError(
+            f"the 'neuron' target needs optimum-neuron{OPTIMUM_NEURON_RANGE}, this machine has {installed} "
+            "(0.4.0 and 0.4.1 cannot save a compiled model with transformers' dtype; older releases lack the 0.4 API)",
+            hint=f"install it with: {install_hint('neuron')}",
         )
 
 
@@ -263,25 +284,29 @@ def _module_available(name: str) -> bool:
         return False
 
 
-def compile_model(model_class, checkpoint: Path, plan: dict[str, Any]):
-    """Run the export with whichever API the installed optimum-neuron has; returns (model, api name)."""
-    if hasattr(model_class, "get_neuron_config") and hasattr(model_class, "export"):
-        import torch
-        from transformers import AutoConfig
+def attention_heads(recipe: Recipe, cores: int) -> dict[str, Any] | None:
+    """Query and KV heads before and after optimum-neuron pads them for ``cores`` (None: model unknown)."""
+    dims = memory.model_dims_for(recipe.model.id, recipe.model.revision)
+    if dims is None:
+        return None
+    padded = dims.padded_for_neuron(cores)
+    return {"heads": dims.num_heads, "kv_heads": dims.num_kv_heads, "tensor_parallel_size": cores,
+            "padded_heads": padded.num_heads, "padded_kv_heads": padded.num_kv_heads,
+            "per_core": {"heads": padded.num_heads // cores, "kv_heads": max(1, padded.num_kv_heads // cores)}}
 
-        config = AutoConfig.from_pretrained(str(checkpoint))
-        if hasattr(config, "get_text_config"):
-            config = config.get_text_config()
-        dtype = getattr(torch, plan["torch_dtype"])
-        for attribute in ("dtype", "torch_dtype"):  # transformers>=4.56 renamed torch_dtype to dtype
-            with contextlib.suppress(AttributeError, TypeError):
-                setattr(config, attribute, dtype)
-        parameters = inspect.signature(model_class.get_neuron_config).parameters
-        kwargs = {key: value for key, value in plan["get_neuron_config"].items() if key in parameters and value is not None}
-        if "auto_cast_type" in parameters:
-            kwargs["auto_cast_type"] = plan["auto_cast_type"]
-        neuron_config = model_class.get_neuron_config(str(checkpoint), config=config, **kwargs)
-        model = model_class.export(str(checkpoint), neuron_config, config=config, **plan["export"])
-        return model, "get_neuron_config+export"
-    model = model_class.from_pretrained(str(checkpoint), **plan["legacy_from_pretrained"])
-    return model, "from_pretrained(export=True)"
+
+def compile_model(model_class, checkpoint: Path, plan: dict[str, Any]):
+    """``get_neuron_config`` then ``export`` (optimum-neuron 0.4); returns (model, api name)."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(checkpoint))
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    # One attribute, the installed transformers' own: on transformers < 4.56 a 'dtype' attribute is not
+    # converted when the config is saved, and optimum-neuron's save_pretrained fails on it.
+    setattr(config, dtype_keyword(), getattr(torch, plan["torch_dtype"]))
+    kwargs = {key: value for key, value in plan["get_neuron_config"].items() if value is not None}
+    neuron_config = model_class.get_neuron_config(str(checkpoint), config=config, **kwargs)
+    model = model_class.export(str(checkpoint), neuron_config, config=config, **plan["export"])
+    return model, "get_neuron_config+export"

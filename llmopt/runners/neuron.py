@@ -16,7 +16,7 @@ import numpy as np
 
 from llmopt._deps import install_hint
 from llmopt.errors import LlmoptError, MissingDependencyError, UsageError
-from llmopt.hardware import REPETITION_PENALTY_REFUSED, neuron_device_present
+from llmopt.hardware import NEURON_MAX_TOP_K, NEURON_TOP_K_REFUSED, REPETITION_PENALTY_REFUSED, neuron_device_present
 from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, TokenCallback, cut_at_eos
 
 
@@ -63,7 +63,7 @@ class NeuronRunner(Runner):
             ) from exc
         self.torch = torch
         runtime = (manifest.runtime if manifest else {}) or {}
-        self.padding_side = runtime.get("padding_side", "right")
+        self.padding_side = runtime.get("padding_side", "right")  # optimum-neuron 0.4 takes right padding only
         self.model = NeuronModelForCausalLM.from_pretrained(str(self.path))
 
     def _pad(self, batch: list[list[int]]):
@@ -84,6 +84,8 @@ class NeuronRunner(Runner):
 
         if sampling.repetition_penalty != 1.0:  # refused, not silently ignored by on-device sampling
             raise UsageError(REPETITION_PENALTY_REFUSED.format(where="--repetition-penalty"))
+        if not sampling.greedy and not 1 <= sampling.top_k <= NEURON_MAX_TOP_K:
+            raise UsageError(NEURON_TOP_K_REFUSED.format(where="--top-k", value=sampling.top_k))
         torch = self.torch
         input_ids, attention_mask, pad = self._pad(batch)
         options = dict(max_new_tokens=sampling.max_new_tokens, pad_token_id=pad,
