@@ -8,10 +8,22 @@ by a ``GatherBlockQuantized`` that reads the lm_head's blocks. The graph's input
 ``genai_config.json`` stay as the exporter wrote them, so the artifact loads in plain
 onnxruntime-genai like the fp one.
 
-Why this and not the model builder's own int4 (``precision int4``), measured on SmolLM2-135M
-(``.notes/onnx_quant_variants.md``): the builder rounds every MatMul to nearest and reaches
-0.61-0.70 teacher-forced top-1 agreement with PyTorch, with repetitive answers; the default
-here reaches 0.87. What moves it:
+Why this and not onnxruntime's own quantizers, measured on SmolLM2-135M-Instruct (teacher-forced
+against PyTorch fp32 on 192 tokens of ``llmopt/data/validation.txt``):
+
+* onnxruntime's ``MatMulNBitsQuantizer`` (``DefaultWeightOnlyQuantConfig``, asymmetric, uint8
+  zero points, accuracy_level 4) does the per-MatMul RTN part, but it cannot quantize the tied
+  embedding (the builder's ``Gather(Transpose(lm_head))`` reads no initializer, and its Gather
+  path is 4-bit only), so the 113 MB fp32 table stays: 8-bit in blocks of 32 gives 276 MB at
+  top-1 0.938 / KL 0.0046, this module 162 MB at 0.922 / 0.0044; int4 in blocks of 16 gives
+  226 MB at 0.714 / KL 0.262, this module's GPTQ 4/8-bit mix 138 MB at 0.870 / 0.034. Its
+  8-bit blocks match ``blocks.quantize_rtn`` on 99.92% of an o_proj's weights (the scales are
+  equal, the rest round the other way), so swapping it in would change every shipped int8 byte.
+  Its GPTQ needs Intel's neural-compressor, and it has no per-node 4/8-bit plan of its own.
+* The model builder's own int4 (``precision int4``) rounds every MatMul to nearest: top-1
+  0.61-0.70, with repetitive answers.
+
+What moves the accuracy here:
 
 * Integer zero points only. onnxruntime's CPU MatMulNBits prepacks its weights for the fast
   kernels only when the zero points are uint8; float zero points (HQQ) fall back to
