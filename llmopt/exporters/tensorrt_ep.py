@@ -17,7 +17,6 @@ TensorRT; the manifest records the GPU and TensorRT version the engines are tied
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,24 +29,24 @@ from llmopt.recipe import Recipe
 PROVIDER = "TensorrtExecutionProvider"
 CONTEXT_SUFFIX = "_ctx.onnx"
 GPU_HINT = "pip install 'llmopt[gpu]' (onnxruntime-gpu) and TensorRT on a machine with an NVIDIA GPU"
-# What an engine is tied to, exactly (checked by the runner before the session opens).
-TIED_TO = ("tensorrt",)
 
-# The TensorRT EP's provider options in onnxruntime 1.32.0 (onnxruntime/core/providers/tensorrt/
-# tensorrt_execution_provider_info.cc); tests/test_vendor_conformance.py checks this list against
-# the release's source snapshot.
+# The TensorRT EP's provider options a recipe may name, as onnxruntime-gpu 1.31.1 (the newest GPU
+# build on the package registry) parses them; the memory-pointer options (user compute stream, ONNX
+# and weight byte streams) have no meaning in a recipe. tests/test_vendor_conformance.py checks the
+# list against the option strings of the published wheel (tests/vendor/onnxruntime-gpu-1.31.1-tensorrt-ep.json).
 OPTIONS = frozenset({
-    "device_id", "has_user_compute_stream", "user_compute_stream", "trt_max_partition_iterations",
-    "trt_min_subgraph_size", "trt_max_workspace_size", "trt_fp16_enable", "trt_bf16_enable", "trt_int8_enable",
-    "trt_int8_calibration_table_name", "trt_int8_use_native_calibration_table", "trt_dla_enable", "trt_dla_core",
-    "trt_dump_subgraphs", "trt_engine_cache_enable", "trt_engine_cache_path", "trt_weight_stripped_engine_enable",
-    "trt_onnx_model_folder_path", "trt_engine_decryption_enable", "trt_engine_decryption_lib_path",
-    "trt_force_sequential_engine_build", "trt_context_memory_sharing_enable", "trt_layer_norm_fp32_fallback",
-    "trt_timing_cache_enable", "trt_timing_cache_path", "trt_force_timing_cache", "trt_detailed_build_log",
-    "trt_build_heuristics_enable", "trt_sparsity_enable", "trt_builder_optimization_level", "trt_auxiliary_streams",
-    "trt_tactic_sources", "trt_extra_plugin_lib_paths", "trt_profile_min_shapes", "trt_profile_max_shapes",
-    "trt_profile_opt_shapes", "trt_cuda_graph_enable", "trt_dump_ep_context_model", "trt_ep_context_file_path",
-    "trt_ep_context_embed_mode", "trt_engine_cache_prefix", "trt_engine_hw_compatible", "trt_op_types_to_exclude",
+    "device_id", "trt_auxiliary_streams", "trt_bf16_enable", "trt_build_heuristics_enable",
+    "trt_builder_optimization_level", "trt_context_memory_sharing_enable", "trt_cuda_graph_enable",
+    "trt_detailed_build_log", "trt_dla_core", "trt_dla_enable", "trt_dump_ep_context_model", "trt_dump_subgraphs",
+    "trt_engine_cache_enable", "trt_engine_cache_path", "trt_engine_cache_prefix", "trt_engine_decryption_enable",
+    "trt_engine_decryption_lib_path", "trt_engine_hw_compatible", "trt_ep_context_embed_mode",
+    "trt_ep_context_file_path", "trt_extra_plugin_lib_paths", "trt_force_sequential_engine_build",
+    "trt_force_timing_cache", "trt_fp16_enable", "trt_int8_calibration_table_name", "trt_int8_enable",
+    "trt_int8_use_native_calibration_table", "trt_layer_norm_fp32_fallback", "trt_load_user_initializer",
+    "trt_max_partition_iterations", "trt_max_workspace_size", "trt_min_subgraph_size", "trt_onnx_model_folder_path",
+    "trt_op_types_to_exclude", "trt_preview_features", "trt_profile_max_shapes", "trt_profile_min_shapes",
+    "trt_profile_opt_shapes", "trt_sparsity_enable", "trt_tactic_sources", "trt_timing_cache_enable",
+    "trt_timing_cache_path", "trt_weight_stripped_engine_enable",
 })
 # Options llmopt sets from recipe fields, or needs as they are to write the artifact.
 RESERVED = {
@@ -56,8 +55,8 @@ RESERVED = {
     "trt_dump_ep_context_model": "llmopt (the artifact is the EPContext model)",
     "trt_ep_context_file_path": "llmopt (the artifact is the EPContext model)",
     "trt_ep_context_embed_mode": "llmopt (the engine is embedded in the artifact)",
-    "trt_engine_cache_enable": "llmopt (the engine is embedded in the artifact)",
-    "trt_engine_cache_path": "llmopt (the engine is embedded in the artifact)",
+    "trt_engine_cache_enable": "llmopt (the engine is embedded in the artifact, no cache beside it)",
+    "trt_engine_cache_path": "llmopt (the engine is embedded in the artifact, no cache beside it)",
 }
 
 
@@ -79,7 +78,7 @@ def profile(inputs: dict[str, Any]) -> str:
     return ",".join(f"{name}:{'x'.join(str(size) for size in spec['shape'])}" for name, spec in inputs.items())
 
 
-def build_options(recipe: Recipe, inputs: dict[str, Any], context_file: str, cache_dir: str) -> dict[str, Any]:
+def build_options(recipe: Recipe, inputs: dict[str, Any], context_file: str) -> dict[str, Any]:
     """Provider options that build one graph's engine and write it as an EPContext model."""
     shapes = profile(inputs)
     return {
@@ -88,8 +87,6 @@ def build_options(recipe: Recipe, inputs: dict[str, Any], context_file: str, cac
         "trt_profile_min_shapes": shapes,
         "trt_profile_opt_shapes": shapes,
         "trt_profile_max_shapes": shapes,
-        "trt_engine_cache_enable": True,
-        "trt_engine_cache_path": cache_dir,
         "trt_dump_ep_context_model": True,
         "trt_ep_context_file_path": context_file,
         "trt_ep_context_embed_mode": 1,
@@ -106,7 +103,7 @@ def plan(recipe: Recipe, io: dict[str, Any]) -> dict[str, Any]:
     """The build, as data: per graph the exact provider options, and what the artifact keeps."""
     return {
         "provider": PROVIDER,
-        "build": {name: build_options(recipe, graph["inputs"], f"<artifact>/{name}{CONTEXT_SUFFIX}", "<temporary>")
+        "build": {name: build_options(recipe, graph["inputs"], f"<artifact>/{name}{CONTEXT_SUFFIX}")
                   for name, graph in io.items()},
         "artifact": {name: f"{name}{CONTEXT_SUFFIX}" for name in io},
         "load_options": load_options(recipe),
@@ -119,17 +116,16 @@ def compile_graphs(recipe: Recipe, workdir: Path, io: dict[str, Any], graph_file
     """Build every graph in ``workdir`` into an EPContext model; the plain graphs are then removed."""
     ort = require("onnxruntime", extra="gpu", package="onnxruntime-gpu")
     gpu = require_gpu(workdir, "tensorrt", GPU_HINT)
-    with tempfile.TemporaryDirectory(prefix=".trt-cache-", dir=workdir) as cache_dir:
-        for name, graph in io.items():
-            context_file = workdir / f"{name}{CONTEXT_SUFFIX}"
-            options = build_options(recipe, graph["inputs"], str(context_file), cache_dir)
-            with events.step(f"trt-{name}", f"building the {name} TensorRT engine on {gpu.name}"):
-                session = ort.InferenceSession(str(workdir / graph_files[name][0]), providers=[(PROVIDER, options)])
-                check_session_provider(session, PROVIDER, f"building the {name} engine", GPU_HINT)
-                del session
-            if not context_file.is_file():
-                raise MissingDependencyError(f"onnxruntime wrote no EPContext model for the {name} graph "
-                                             f"({context_file.name}); this onnxruntime cannot dump TensorRT engines")
+    for name, graph in io.items():
+        context_file = workdir / f"{name}{CONTEXT_SUFFIX}"
+        options = build_options(recipe, graph["inputs"], str(context_file))
+        with events.step(f"trt-{name}", f"building the {name} TensorRT engine on {gpu.name}"):
+            session = ort.InferenceSession(str(workdir / graph_files[name][0]), providers=[(PROVIDER, options)])
+            check_session_provider(session, PROVIDER, f"building the {name} engine", GPU_HINT)
+            del session
+        if not context_file.is_file():
+            raise MissingDependencyError(f"onnxruntime wrote no EPContext model for the {name} graph "
+                                         f"({context_file.name}); this onnxruntime cannot dump TensorRT engines")
     for files in graph_files.values():
         for file in files:
             (workdir / file).unlink(missing_ok=True)
