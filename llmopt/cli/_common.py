@@ -22,21 +22,11 @@ DtypeOption = typer.Option(None, "--dtype", help="fp32, fp16 or bf16.")
 StaticOption = typer.Option(None, "--static/--dynamic", help="Fully static graphs (padded prefill + one-token decode).")
 
 
-def resolve_recipe(
-    config: Optional[Path],
-    set_items: list[str],
-    model: Optional[str] = None,
-    target: Optional[str] = None,
-    batch_size: Optional[int] = None,
-    sequence_length: Optional[int] = None,
-    dtype: Optional[str] = None,
-    static: Optional[bool] = None,
-    base: dict | None = None,
-) -> Recipe:
-    """Recipe file, then named flags, then ``--set`` items (the most specific wins)."""
-    overrides = flag_overrides(model, target, batch_size, sequence_length, dtype, static)
+def resolve_recipe(config: Optional[Path], set_items: list[str], **flags: Any) -> Recipe:
+    """Recipe file, then named flags (those of ``flag_overrides``), then ``--set`` items (the most specific wins)."""
+    overrides = flag_overrides(**flags)
     overrides.update(recipe_module.parse_set_options(set_items))
-    return recipe_module.resolve(config, overrides, base=base)
+    return recipe_module.resolve(config, overrides)
 
 
 def flag_overrides(
@@ -56,4 +46,3 @@ def flag_overrides(
         "precision.dtype": dtype,
         "shapes.static": static,
     }
-

@@ -35,7 +35,8 @@ def export(
     no_cache: bool = typer.Option(False, "--no-cache", help="Always compile; neither read nor fill the cache."),
 ) -> None:
     """Export a checkpoint to a static-shape artifact for one target."""
-    recipe = _common.resolve_recipe(config, set_items, model, target, batch_size, sequence_length, dtype, static)
+    recipe = _common.resolve_recipe(config, set_items, model=model, target=target, batch_size=batch_size,
+                                    sequence_length=sequence_length, dtype=dtype, static=static)
     if dry_run:
         plan = api.plan(recipe)
         if json_output:
