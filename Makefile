@@ -47,14 +47,18 @@ install-peer: install
 	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" $(PY) -m pip install -q llama-cpp-python==0.3.36
 
 # Separate environments: these stacks pin their own optimum/transformers and cannot share the CPU set.
+# optimum-neuron 0.4.5 takes Python 3.10 or 3.11.
+NEURON_PYTHON ?= python3.10
 install-neuron:
-	@echo "Needs an Inferentia2/Trainium host with Python 3.10 or 3.11 and the AWS Neuron apt/pip repositories."
-	$(PYTHON) -m venv .venv-neuron
+	@echo "Needs an Inferentia2/Trainium host (or a CPU host for compile_only) and the AWS Neuron pip repository."
+	$(NEURON_PYTHON) -m venv .venv-neuron
 	.venv-neuron/bin/pip install -q --upgrade pip
 	.venv-neuron/bin/pip install --extra-index-url https://pip.repos.neuron.amazonaws.com -e '.[neuron,dev]'
 
+# TensorRT-LLM 1.2.1 publishes cp310 and cp312 wheels, on NVIDIA's index only.
+TENSORRT_PYTHON ?= python3.12
 install-tensorrt:
-	$(PYTHON) -m venv .venv-tensorrt
+	$(TENSORRT_PYTHON) -m venv .venv-tensorrt
 	.venv-tensorrt/bin/pip install -q --upgrade pip
 	.venv-tensorrt/bin/pip install --extra-index-url https://pypi.nvidia.com -e '.[tensorrt,dev]'
 
