@@ -1,6 +1,6 @@
 """The tensorrt target without a GPU: recipe -> TensorRT-LLM build arguments, errors, engine checks.
 
-The builder is TensorRT-LLM's LLM API (pinned tensorrt-llm 0.20.0):
+The builder is TensorRT-LLM's LLM API (pinned tensorrt-llm 1.2.1):
 ``LLM(model, dtype, tensor_parallel_size, build_config=BuildConfig(max_batch_size, max_input_len,
 max_seq_len, max_num_tokens), quant_config=QuantConfig(quant_algo, kv_cache_quant_algo))``.
 Tests marked ``tensorrt``/``gpu`` build and run an engine; they skip unless tensorrt_llm is installed
@@ -74,7 +74,7 @@ def test_fp16_recipe_plan(capsys):
     code, result, err = dry_run(capsys, "--config", str(CONFIGS / "smollm2-tensorrt-fp16.yaml"))
     assert code == 0, err
     plan = result["plan"]
-    assert plan["pinned"] == "tensorrt-llm==0.20.0"
+    assert plan["pinned"] == "tensorrt-llm==1.2.1"
     assert plan["build_config"] == EXPECTED_BUILD
     assert plan["quant_config"] is None and plan["calibration"] is None
     assert plan["llm"] == {"model": "<checkpoint>", "dtype": "float16", "tensor_parallel_size": 1,
@@ -308,11 +308,11 @@ def make_engine_artifact(root: Path, sm: int = 90, versions: dict | None = None)
         (workdir / "engine" / "rank0.engine").write_bytes(b"not really an engine")
         (workdir / "engine" / "config.json").write_text("{}")
         artifact.finalize(workdir, Manifest(
-            target="tensorrt", recipe={}, source={}, backend_versions={"tensorrt_llm": "0.20.0"},
+            target="tensorrt", recipe={}, source={}, backend_versions={"tensorrt_llm": "1.2.1"},
             shapes={"batch_size": 1, "sequence_length": 2048}, precision="fp16", quantization={},
             runtime={"loader": "tensorrt_llm.LLM", "engine_dir": "engine",
                      "gpu": {"name": "NVIDIA H100 80GB HBM3", "sm": sm, "architecture": "Hopper"},
-                     "versions": versions or {"tensorrt_llm": "0.20.0", "tensorrt": "10.10.0.31"}},
+                     "versions": versions or {"tensorrt_llm": "1.2.1", "tensorrt": "10.10.0.31"}},
         ))
     return output
 
@@ -332,14 +332,14 @@ def test_runner_refuses_another_version(tmp_path, monkeypatch):
     path = make_engine_artifact(tmp_path, sm=90)
     monkeypatch.setitem(sys.modules, "tensorrt_llm", None)
     monkeypatch.setattr("llmopt.gpu.detect_gpus", lambda: [H100])
-    monkeypatch.setattr("llmopt.gpu._installed", {"tensorrt_llm": "0.19.0", "tensorrt": "10.10.0.31"}.get)
-    with pytest.raises(ArtifactError, match=r"built with tensorrt_llm 0\.20\.0; this machine has 0\.19\.0"):
+    monkeypatch.setattr("llmopt.gpu._installed", {"tensorrt_llm": "1.2.0", "tensorrt": "10.10.0.31"}.get)
+    with pytest.raises(ArtifactError, match=r"built with tensorrt_llm 1\.2\.1; this machine has 1\.2\.0"):
         api.open_runner(path)
-    monkeypatch.setattr("llmopt.gpu._installed", {"tensorrt_llm": "0.20.0", "tensorrt": "10.9.0"}.get)
+    monkeypatch.setattr("llmopt.gpu._installed", {"tensorrt_llm": "1.2.1", "tensorrt": "10.9.0"}.get)
     with pytest.raises(ArtifactError, match=r"tensorrt 10\.10\.0\.31; this machine has 10\.9\.0"):
         api.open_runner(path)
     monkeypatch.setattr("llmopt.gpu._installed", {"tensorrt_llm": None, "tensorrt": None}.get)
-    with pytest.raises(MissingDependencyError, match="needs tensorrt_llm 0.20.0, which is not installed"):
+    with pytest.raises(MissingDependencyError, match="needs tensorrt_llm 1.2.1, which is not installed"):
         api.open_runner(path)
 
 
@@ -358,7 +358,7 @@ def test_check_engine_compatible_accepts_a_match(tmp_path):
     path = make_engine_artifact(tmp_path)
     manifest = artifact.read_manifest(path)
     trt_runner.check_engine_compatible(path, manifest, gpus=[H100],
-                                       installed={"tensorrt_llm": "0.20.0", "tensorrt": "10.10.0.31"})
+                                       installed={"tensorrt_llm": "1.2.1", "tensorrt": "10.10.0.31"})
 
 
 # ------------------------------------------------------------------------------ the build call, with stand-ins
@@ -406,7 +406,7 @@ def test_export_builds_and_records_the_gpu_and_versions(tiny_llama, tmp_path, mo
     calls: list = []
     fake_tensorrt_llm(monkeypatch, calls)
     monkeypatch.setattr(trt, "detect_gpus", lambda: [H100])
-    monkeypatch.setattr(trt, "engine_versions", lambda: {"tensorrt_llm": "0.20.0", "tensorrt": "10.10.0.31"})
+    monkeypatch.setattr(trt, "engine_versions", lambda: {"tensorrt_llm": "1.2.1", "tensorrt": "10.10.0.31"})
     recipe = resolve(CONFIGS / "smollm2-tensorrt-fp16.yaml",
                      {"model.id": str(tiny_llama), "quantization.weight_format": "int8", "quantization.algorithm": "rtn"})
     workdir = tmp_path / "work"
@@ -420,7 +420,7 @@ def test_export_builds_and_records_the_gpu_and_versions(tiny_llama, tmp_path, mo
     assert (workdir / "engine" / "rank0.engine").is_file()
     runtime = result.runtime
     assert runtime["gpu"] == {"name": H100.name, "sm": 90, "architecture": "Hopper", "memory_bytes": 80 * GIB}
-    assert runtime["versions"] == {"tensorrt_llm": "0.20.0", "tensorrt": "10.10.0.31"}
+    assert runtime["versions"] == {"tensorrt_llm": "1.2.1", "tensorrt": "10.10.0.31"}
     assert runtime["engine_dir"] == "engine" and runtime["quant_config"]["quant_algo"] == "W8A16"
 
 
@@ -480,3 +480,32 @@ def test_build_run_and_validate_on_the_gpu(tmp_path, config):
         runner.close()
     results = api.run(tmp_path / "engine", ["What is the capital of France?"], max_new_tokens=16, temperature=0.0)
     assert 0 < len(results[0].token_ids) <= 16
+
+
+# ------------------------------------------------------------------------------ the TensorRT environment's pins
+
+
+def _pins_script():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_tensorrt_pins", ROOT / "scripts" / "check_tensorrt_pins.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tensorrt_extra_repeats_the_releases_pins():
+    """pyproject's tensorrt extra and make install-tensorrt agree with TensorRT-LLM 1.2.1's published metadata."""
+    pins = _pins_script()
+    assert pins.consistency_errors() == []
+    assert trt.TENSORRT_LLM_PIN == pins.RELEASE
+    release = {requirement.name: str(requirement.specifier) for requirement in pins.release_requirements()}
+    assert release["transformers"] == "==4.57.3" and release["nvidia-modelopt"] == "~=0.37.0"
+    names = {requirement.name for requirement in pins.llmopt_requirements()}
+    assert "tensorrt-llm" not in names and {"transformers", "nvidia-modelopt", "torch"} <= names
+
+
+def test_tensorrt_environment_resolves_with_pip():
+    """pip's resolver, against the package registry, for the release's Python 3.12 wheels (the Makefile's)."""
+    pins = _pins_script()
+    assert pins.main(["--python", "3.12"]) == 0

@@ -1,23 +1,28 @@
-"""NVIDIA GPUs: a TensorRT engine built by TensorRT-LLM's engine builder, pinned to tensorrt-llm 0.20.0.
+"""NVIDIA GPUs: a TensorRT engine built by TensorRT-LLM's engine builder, TensorRT-LLM 1.2.1.
 
 Why TensorRT-LLM's builder and not ONNX -> TensorRT: a decoder needs a KV cache, fused attention
 and (for fp8, int4-AWQ and int8-SmoothQuant) quantized matmuls with calibrated scales. Through ONNX,
 TensorRT sees a generic graph: the KV cache becomes graph inputs and outputs copied every step,
 attention is unfused, there is no paged KV cache or in-flight batching, quantization means inserting
-Q/DQ nodes by hand, and the decode loop is ours (that path already exists as the onnx target with
-``onnx.provider: tensorrt``). TensorRT-LLM builds the same TensorRT engine with its GPT attention
-plugin, a paged KV cache, ModelOpt-calibrated fp8/int4/int8 kernels and a C++ runtime with its own
-sampling, from the Hugging Face checkpoint, through a small Python API::
+Q/DQ nodes by hand, and the decode loop is ours (that route exists as the onnx target with
+``shapes.static: true`` and ``onnx.provider: tensorrt``, see ``llmopt.exporters.tensorrt_ep``).
+TensorRT-LLM builds the engine with its GPT attention plugin, a paged KV cache, ModelOpt-calibrated
+fp8/int4/int8 kernels and a C++ runtime with its own sampling, through a small Python API::
 
     build_config = BuildConfig(max_batch_size=..., max_input_len=..., max_seq_len=..., max_num_tokens=...)
-    llm = LLM(model=checkpoint, dtype="float16", tensor_parallel_size=1, build_config=build_config)
+    llm = tensorrt_llm._tensorrt_engine.LLM(model=checkpoint, dtype="float16", tensor_parallel_size=1,
+                                            build_config=build_config)
     llm.save(engine_dir)
 
-Why a pinned release: from 1.0 on, TensorRT-LLM's default ``LLM`` is the PyTorch backend and the
-engine builder (``tensorrt_llm._tensorrt_engine.LLM``, ``trtllm-build``) is the legacy path; 0.20.0
-is the last release whose default ``tensorrt_llm.LLM`` builds engines. An engine is also tied to
-the TensorRT / TensorRT-LLM versions and to the GPU architecture (SM) that built it, so the
-manifest records all three and the runner refuses a mismatch before importing tensorrt_llm.
+Why 1.2.1: from 1.0 on TensorRT-LLM's default ``LLM`` is its PyTorch backend and the engine builder
+lives on as ``tensorrt_llm._tensorrt_engine.LLM`` (and ``trtllm-build``); it was deprecated in
+February 2026 and removed from TensorRT-LLM's main branch in July 2026, so 1.2.x is the last line
+that has it and 1.2.1 its newest release. Its wheels (Python 3.10 and 3.12) are on NVIDIA's index
+only; it pins transformers 4.57.3 and ModelOpt ~=0.37.0, which ``scripts/check_tensorrt_pins.py``
+resolves with llmopt's own set. An engine is tied to the TensorRT / TensorRT-LLM versions and to
+the GPU architecture (SM) that built it, so the manifest records all three and the runner refuses a
+mismatch before importing tensorrt_llm. Every TensorRT-LLM class, method and keyword used here is
+checked against the release's API surface in tests/test_vendor_conformance.py.
 
 Quantization: fp8, int4 (AWQ) and int8 (SmoothQuant) weights, and an fp8 KV cache, are calibrated
 with ModelOpt by ``llmopt.modelopt_ckpt.quantize_checkpoint`` on llmopt's own calibration text (no
@@ -41,7 +46,7 @@ from llmopt.gpu import gpu_record, installed_tensorrt_version
 from llmopt.hardware import DetectedGpu, GpuSpec, detect_gpus, gpu_spec, sm_architecture
 from llmopt.recipe import Recipe
 
-TENSORRT_LLM_PIN = "0.20.0"
+TENSORRT_LLM_PIN = "1.2.1"
 ENGINE_DIR = "engine"
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # BuildConfig arguments that come from recipe fields: refused in builder_args.
@@ -233,7 +238,7 @@ class TensorRTExporter(Exporter):
             "pinned": f"tensorrt-llm=={TENSORRT_LLM_PIN}",
             "calls": [
                 *(["quantize_checkpoint(checkpoint, <tmp>, **calibration)"] if calibration else []),
-                "llm = LLM(**llm)  # tensorrt_llm._tensorrt_engine.LLM on >=1.0, tensorrt_llm.LLM before",
+                "llm = tensorrt_llm._tensorrt_engine.LLM(**llm)",
                 f"llm.save(<artifact>/{ENGINE_DIR})",
             ],
             "build_config": build_config,
@@ -316,7 +321,7 @@ class TensorRTExporter(Exporter):
             io={"batch_size": recipe.shapes.batch_size, "max_input_len": plan["build_config"]["max_input_len"],
                 "max_seq_len": plan["build_config"]["max_seq_len"]},
             runtime={
-                "loader": "tensorrt_llm.LLM",
+                "loader": "tensorrt_llm._tensorrt_engine.LLM",
                 "engine_dir": ENGINE_DIR,
                 "gpu": None if gpu is None else gpu_record(gpu),
                 "versions": versions,
