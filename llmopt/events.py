@@ -11,8 +11,10 @@ without cleanup once its parent is gone or after ten minutes.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import os
+import sys
 import time
 from typing import Any, Iterator
 
@@ -25,6 +27,25 @@ def info(message: str, **fields: Any) -> None:
 
 def warning(message: str, **fields: Any) -> None:
     logger.warning(message, extra={"event": "warning", "fields": fields})
+
+
+@contextlib.contextmanager
+def backend_output_hidden(backend: str) -> Iterator[None]:
+    """A backend's prints stay off stdout, which holds results only: on stderr with LLMOPT_DEBUG, otherwise
+    kept and shown (the last 20 lines) only when the backend fails."""
+    if os.environ.get("LLMOPT_DEBUG"):
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+        return
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            yield
+    except Exception:
+        tail = log.getvalue().strip().splitlines()[-20:]
+        if tail:
+            warning(f"{backend} output before the failure:\n" + "\n".join(tail))
+        raise
 
 
 def _fault_point(name: str, when: str) -> None:

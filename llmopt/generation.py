@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from llmopt.errors import PromptTooLongError, UsageError
-from llmopt.runners.base import Runner, SamplingConfig
+from llmopt.errors import UsageError
+from llmopt.runners.base import Runner, SamplingConfig, check_prompt_length
 
 TextCallback = Callable[[int, str], None]  # (prompt index, new text)
 
@@ -36,23 +36,6 @@ def encode_prompt(tokenizer, prompt: str, chat: bool) -> list[int]:
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
     return tokenizer.encode(prompt, add_special_tokens=True)
-
-
-def max_prompt_tokens(sequence_length: int) -> int:
-    """A prompt must leave room for at least one generated token."""
-    return sequence_length - 1
-
-
-def check_prompt_length(prompt_ids: list[int], sequence_length: int, index: int = 0) -> None:
-    limit = max_prompt_tokens(sequence_length)
-    if not prompt_ids:
-        raise UsageError(f"prompt {index + 1} is empty after tokenization; give some text (or drop --raw)")
-    if len(prompt_ids) > limit:
-        raise PromptTooLongError(
-            f"prompt {index + 1} has {len(prompt_ids)} tokens but the artifact accepts at most {limit} "
-            f"(sequence_length {sequence_length} minus one generated token)",
-            hint="re-export with a larger --sequence-length, or shorten the prompt",
-        )
 
 
 class _TextStream:

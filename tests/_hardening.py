@@ -121,3 +121,32 @@ def small_tmpfs(mount_point: Path, size: str = "256k") -> Iterator[Path]:
         yield mount_point
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+# -- the CLI in process (the hardware targets' plan and error tests) -------------------------------
+
+
+def dry_run(capsys, *args: str) -> tuple[int, dict | None, str]:
+    """``llmopt export ARGS --dry-run --json`` in process: (exit code, the plan's JSON or None, stderr)."""
+    from llmopt.cli.main import main
+
+    code = main(["export", *args, "--dry-run", "--json"])
+    captured = capsys.readouterr()
+    return code, (json.loads(captured.out) if code == 0 else None), captured.err
+
+
+def failing(capsys, *args: str) -> tuple[int, str]:
+    """``llmopt ARGS`` in process: (exit code, stderr)."""
+    from llmopt.cli.main import main
+
+    code = main(list(args))
+    return code, capsys.readouterr().err
+
+
+def assert_one_error_line(err: str, *needles: str) -> None:
+    """The first stderr line is the error, holding every needle; no traceback."""
+    assert "Traceback" not in err
+    first = err.splitlines()[0]
+    assert first.startswith("error: ")
+    for needle in needles:
+        assert needle in first, first

@@ -151,3 +151,26 @@ def build_untied_llama(tiny_llama: Path, directory: Path, seed: int) -> Path:
 @pytest.fixture(scope="session")
 def untied_llama(tiny_llama, tmp_path_factory) -> Path:
     return build_untied_llama(tiny_llama, tmp_path_factory.mktemp("untied-llama"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def build_artifact(tmp_path_factory):
+    """``build_artifact(model, **recipe_fields)`` -> path: each distinct export built once per session.
+
+    Validated against PyTorch as every export is, without the compile cache. The contract test and the
+    per-target tests ask for the same artifacts, so each is built only once.
+    """
+    built: dict[tuple, Path] = {}
+
+    def build(model: Path, **fields) -> Path:
+        from llmopt import api
+        from llmopt.recipe import resolve
+
+        key = (str(model), tuple(sorted((name, repr(value)) for name, value in fields.items())))
+        if key not in built:
+            output = tmp_path_factory.mktemp("artifact") / "artifact"
+            api.export(resolve(None, {"model.id": str(model), **fields}), output)
+            built[key] = output
+        return built[key]
+
+    return build

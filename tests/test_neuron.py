@@ -26,11 +26,11 @@ from pathlib import Path
 import pytest
 
 from llmopt import memory
-from llmopt.cli.main import main
 from llmopt.errors import MissingDependencyError, RecipeError
 from llmopt.exporters import neuron as neuron_exporter
 from llmopt.hardware import GIB, NEURON_INSTANCES, neuron_device_present
 from llmopt.recipe import resolve
+from tests._hardening import assert_one_error_line, dry_run, failing
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
@@ -50,16 +50,6 @@ requires_neuron = pytest.mark.skipif(
 )
 
 
-def dry_run(capsys, *args: str) -> tuple[int, dict | None, str]:
-    code = main(["export", *args, "--dry-run", "--json"])
-    captured = capsys.readouterr()
-    return code, (json.loads(captured.out) if code == 0 else None), captured.err
-
-
-def failing(capsys, *args: str) -> tuple[int, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.err
 
 
 @pytest.fixture(autouse=True)
@@ -149,13 +139,6 @@ def test_unknown_model_has_an_unknown_memory_estimate(capsys):
 
 # ------------------------------------------------------------------------------ error paths
 
-
-def assert_one_error_line(err: str, *needles: str) -> None:
-    assert "Traceback" not in err
-    first = err.splitlines()[0]
-    assert first.startswith("error: ")
-    for needle in needles:
-        assert needle in first, first
 
 
 def test_fp8_is_refused_naming_the_fields(capsys):

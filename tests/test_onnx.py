@@ -1,14 +1,13 @@
 """The onnx target: onnxruntime-genai's model builder and native loop, compared with PyTorch.
 
 Pure tests (check, plan) run anywhere; the rest export small artifacts and need the onnx extra.
-tiny_llama's greedy output only repeats the prompt's last token, so token-for-token parity is
-also checked on ``untied_llama``, whose greedy text depends on the whole context.
+What every target must do (parity with PyTorch, pinned batches, limits, verify) is in
+tests/test_contract.py; this file holds what is particular to this target.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmopt import api, artifact, generation
-from llmopt.errors import ArtifactError, MissingDependencyError, PromptTooLongError, RecipeError, UsageError
+from llmopt import api, artifact
+from llmopt.errors import MissingDependencyError, RecipeError
 from llmopt.recipe import resolve
 from llmopt.runners.base import SamplingConfig
-from tests.conftest import PROMPTS, pytorch_results  # noqa: F401
 
 pytestmark = pytest.mark.onnx
 
@@ -35,26 +33,26 @@ def onnx_recipe(model: Path | str, batch_size: int = 1, sequence_length: int = 6
                           "shapes.sequence_length": sequence_length, **overrides})
 
 
-def export(tmp_path_factory, model: Path, batch_size: int, sequence_length: int) -> Path:
+def export(build_artifact, model: Path, batch_size: int, sequence_length: int) -> Path:
+    """The same artifacts the contract test builds (one build per session)."""
     needs_onnxruntime_genai()
-    output = tmp_path_factory.mktemp("onnx") / f"b{batch_size}-s{sequence_length}"
-    api.export(onnx_recipe(model, batch_size, sequence_length), output)
-    return output
+    return build_artifact(model, **{"target": "onnx", "shapes.batch_size": batch_size,
+                                    "shapes.sequence_length": sequence_length})
 
 
 @pytest.fixture(scope="module")
-def tiny_b1(tiny_llama, tmp_path_factory) -> Path:
-    return export(tmp_path_factory, tiny_llama, batch_size=1, sequence_length=64)
+def tiny_b1(tiny_llama, build_artifact) -> Path:
+    return export(build_artifact, tiny_llama, batch_size=1, sequence_length=64)
 
 
 @pytest.fixture(scope="module")
-def untied_b1(untied_llama, tmp_path_factory) -> Path:
-    return export(tmp_path_factory, untied_llama, batch_size=1, sequence_length=96)
+def untied_b1(untied_llama, build_artifact) -> Path:
+    return export(build_artifact, untied_llama, batch_size=1, sequence_length=96)
 
 
 @pytest.fixture(scope="module")
-def untied_b4(untied_llama, tmp_path_factory) -> Path:
-    return export(tmp_path_factory, untied_llama, batch_size=4, sequence_length=96)
+def untied_b4(untied_llama, build_artifact) -> Path:
+    return export(build_artifact, untied_llama, batch_size=4, sequence_length=96)
 
 
 # -- check and plan: pure ------------------------------------------------------------------------
@@ -185,108 +183,6 @@ def test_export_keeps_stdout_for_results(untied_llama, tmp_path, capfd):
     assert capfd.readouterr().out == ""
 
 
-# -- generation: token for token with PyTorch ----------------------------------------------------
-
-
-@pytest.mark.parametrize("artifact_name", ["tiny_b1", "untied_b1", "untied_b4"])
-def test_greedy_run_matches_pytorch(artifact_name, request, tiny_llama, untied_llama):
-    path = request.getfixturevalue(artifact_name)
-    checkpoint = tiny_llama if artifact_name.startswith("tiny") else untied_llama
-    manifest = artifact.read_manifest(path)
-    results = api.run(path, PROMPTS, temperature=0.0, max_new_tokens=24)
-    expected = pytorch_results(checkpoint, manifest, PROMPTS, SamplingConfig(max_new_tokens=24))
-    assert len({r.prompt_tokens for r in results}) == len(PROMPTS)
-    for got, want in zip(results, expected):
-        assert got.token_ids == want.token_ids, got.prompt
-        assert got.finish_reason == want.finish_reason
-        assert got.ttft_ms > 0
-
-
-def test_repetition_penalty_matches_pytorch(untied_b4, untied_llama):
-    sampling = SamplingConfig(max_new_tokens=24, repetition_penalty=1.3)
-    runner = api.open_runner(untied_b4)
-    try:
-        results = generation.generate(runner, PROMPTS, sampling, chat=False)
-    finally:
-        runner.close()
-    expected = pytorch_results(untied_llama, runner.manifest, PROMPTS, sampling, chat=False)
-    assert [r.token_ids for r in results] == [r.token_ids for r in expected]
-
-
-def test_rows_stop_at_their_own_end_of_sequence(untied_b4, untied_llama):
-    from llmopt.runners.pytorch import PyTorchRunner
-
-    runner = api.open_runner(untied_b4)
-    reference = PyTorchRunner.from_checkpoint(untied_llama, batch_size=4, threads=1)
-    batch = [generation.encode_prompt(runner.tokenizer, prompt, chat=False) for prompt in PROMPTS]
-    sampling = SamplingConfig(max_new_tokens=16)
-    free = runner.generate(batch, sampling).sequences
-    row_one = free[1].token_ids
-    stop_at = next(i for i in range(2, len(row_one)) if row_one[i] not in row_one[:i])
-    stop_token = row_one[stop_at]  # row 1 stops there; the other rows wherever they meet it
-    runner.eos_token_ids = reference.eos_token_ids = {stop_token}
-    streamed: dict[int, list[int]] = {}
-    got = runner.generate(batch, sampling, on_token=lambda row, token: streamed.setdefault(row, []).append(token))
-    want = reference.generate(batch, sampling)
-    runner.close()
-    assert got.sequences[1].token_ids == row_one[: stop_at + 1] and got.sequences[1].finish_reason == "stop"
-    for row in range(4):
-        assert got.sequences[row].token_ids == want.sequences[row].token_ids
-        assert got.sequences[row].finish_reason == want.sequences[row].finish_reason
-        assert streamed[row] == got.sequences[row].token_ids
-
-
-def test_rows_without_an_end_token_run_to_the_limit(untied_b4):
-    runner = api.open_runner(untied_b4)
-    runner.eos_token_ids = set()  # what a fixed-length benchmark does
-    try:
-        batch = [generation.encode_prompt(runner.tokenizer, prompt, chat=False) for prompt in PROMPTS]
-        output = runner.generate(batch, SamplingConfig(max_new_tokens=40))
-    finally:
-        runner.close()
-    for sequence in output.sequences:
-        assert len(sequence.token_ids) == 40 and min(sequence.token_ids) >= 0 and sequence.finish_reason == "length"
-
-
-def test_generation_reaching_sequence_length_stops_with_length(tiny_b1):
-    result = api.run(tiny_b1, ["hello"], temperature=0.0, max_new_tokens=1000)[0]
-    assert result.finish_reason == "length"
-    assert result.prompt_tokens + len(result.token_ids) == 64
-
-
-def test_prompt_longer_than_the_artifact_is_refused(tiny_b1):
-    with pytest.raises(PromptTooLongError, match="at most 63"):
-        api.run(tiny_b1, ["fox " * 100], max_new_tokens=4)
-    runner = api.open_runner(tiny_b1)
-    try:
-        with pytest.raises(PromptTooLongError):
-            runner.generate([[5] * 64], SamplingConfig(max_new_tokens=1))
-        with pytest.raises(UsageError, match="exactly 1 rows"):
-            runner.generate([[5], [6]], SamplingConfig(max_new_tokens=1))
-    finally:
-        runner.close()
-
-
-def test_teacher_forced_logits_match_pytorch_with_a_pinned_batch(untied_b4, untied_llama):
-    from llmopt.runners.pytorch import PyTorchRunner
-
-    token_ids = list(range(3, 99))  # the whole sequence_length
-    runner = api.open_runner(untied_b4)
-    try:
-        logits = runner.logits(token_ids)
-    finally:
-        runner.close()
-    expected = PyTorchRunner.from_checkpoint(untied_llama, threads=1).logits(token_ids)
-    assert logits.shape == expected.shape and logits.dtype == np.float32
-    np.testing.assert_allclose(logits, expected, atol=1e-3, rtol=1e-3)
-
-
-def test_sampling_is_seeded(untied_b1):
-    runs = [api.run(untied_b1, ["Hi"], temperature=1.0, top_k=0, seed=seed, max_new_tokens=16)[0].token_ids
-            for seed in (7, 7, 8)]
-    assert runs[0] == runs[1] and len(runs[0]) > 0
-
-
 def test_gpu_artifact_never_falls_back_to_the_cpu(tiny_b1, monkeypatch):
     """A cuda artifact refuses a machine without a GPU, and a build without CUDA, instead of running on the CPU."""
     og = pytest.importorskip("onnxruntime_genai")
@@ -306,31 +202,18 @@ def test_gpu_artifact_never_falls_back_to_the_cpu(tiny_b1, monkeypatch):
         OnnxRunner(tiny_b1, manifest.batch_size, manifest.sequence_length, manifest=manifest)
 
 
-# -- the real model ------------------------------------------------------------------------------
-
-CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about compilers.", "List three colors.",
-                "Explain recursion in one sentence."]
+# -- the real model (greedy parity with PyTorch for every target: tests/test_contract.py) ---------
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch_size", [1, 4])
-def test_smollm2_greedy_matches_pytorch(smollm2, tmp_path_factory, batch_size):
-    path = export(tmp_path_factory, smollm2, batch_size=batch_size, sequence_length=256)
-    manifest = artifact.read_manifest(path)
-    assert manifest.validation["passed"] and manifest.validation["top1_agreement"] >= 0.99
-    prompts = CHAT_PROMPTS[:batch_size] if batch_size > 1 else CHAT_PROMPTS[:1]
-    sampling = SamplingConfig(max_new_tokens=32)
-    results = api.run(path, prompts, temperature=0.0, max_new_tokens=32)
-    expected = pytorch_results(smollm2, manifest, prompts, sampling)
-    for got, want in zip(results, expected):
-        assert got.token_ids == want.token_ids, got.prompt
-        assert got.text == want.text
-    if batch_size == 1:
-        og = pytest.importorskip("onnxruntime_genai")
-        from transformers import AutoTokenizer
+def test_smollm2_tokenizer_travels_with_the_artifact(smollm2, build_artifact):
+    """onnxruntime-genai's own tokenizer, from the artifact, encodes as the checkpoint's does (parity: test_contract)."""
+    og = pytest.importorskip("onnxruntime_genai")
+    from transformers import AutoTokenizer
 
-        text = "Héllo wörld,\n  naïve café"
-        tokenizer = og.Tokenizer(og.Model(str(path)))
-        ids = tokenizer.encode(text).tolist()
-        assert ids == AutoTokenizer.from_pretrained(smollm2).encode(text)
-        assert min(ids) >= 0 and tokenizer.decode(np.array(ids, dtype=np.int32)) == text
+    path = build_artifact(smollm2, **{"target": "onnx", "shapes.batch_size": 1, "shapes.sequence_length": 256})
+    text = "Héllo wörld,\n  naïve café"
+    tokenizer = og.Tokenizer(og.Model(str(path)))
+    ids = tokenizer.encode(text).tolist()
+    assert ids == AutoTokenizer.from_pretrained(smollm2).encode(text)
+    assert min(ids) >= 0 and tokenizer.decode(np.array(ids, dtype=np.int32)) == text

@@ -1,9 +1,9 @@
 """The openvino target: optimum-intel's stateful IR run by openvino-genai, compared with PyTorch.
 
 Pure tests (check, plan) run anywhere; the rest export small artifacts and need the openvino
-extra. tiny_llama's greedy output only repeats the prompt's last token, so token-for-token parity
-is also checked on ``untied_llama`` (from conftest), whose greedy text depends on the whole
-context. torch runs on one thread beside OpenVINO, whose threads it would otherwise fight.
+extra. What every target must do (parity with PyTorch, pinned batches, limits, verify) is in
+tests/test_contract.py; this file holds what is particular to this target. torch runs on one
+thread beside OpenVINO, whose threads it would otherwise fight.
 """
 
 from __future__ import annotations
@@ -13,15 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from llmopt import api, artifact, generation
-from llmopt.errors import PromptTooLongError, RecipeError, UsageError
+from llmopt.errors import RecipeError
 from llmopt.recipe import resolve
 from llmopt.runners.base import SamplingConfig
-# The shared parity pieces: the prompts, PyTorch on them, and a fixture (a random Llama with an untied head).
-from tests.conftest import PROMPTS, pytorch_results
 
 pytestmark = pytest.mark.openvino
 
@@ -51,26 +48,21 @@ def openvino_recipe(model: Path | str, batch_size: int = 1, sequence_length: int
                           "shapes.sequence_length": sequence_length, **overrides})
 
 
-def export(tmp_path_factory, model: Path, batch_size: int, sequence_length: int, **overrides) -> Path:
+def export(build_artifact, model: Path, batch_size: int, sequence_length: int, **overrides) -> Path:
+    """The same artifacts the contract test builds (one build per session)."""
     needs_openvino_genai()
-    output = tmp_path_factory.mktemp("openvino") / f"b{batch_size}-s{sequence_length}"
-    api.export(openvino_recipe(model, batch_size, sequence_length, **overrides), output)
-    return output
+    return build_artifact(model, **{"target": "openvino", "shapes.batch_size": batch_size,
+                                    "shapes.sequence_length": sequence_length, **overrides})
 
 
 @pytest.fixture(scope="module")
-def tiny_b1(tiny_llama, tmp_path_factory) -> Path:
-    return export(tmp_path_factory, tiny_llama, batch_size=1, sequence_length=64)
+def tiny_b1(tiny_llama, build_artifact) -> Path:
+    return export(build_artifact, tiny_llama, batch_size=1, sequence_length=64)
 
 
 @pytest.fixture(scope="module")
-def untied_b1(untied_llama, tmp_path_factory) -> Path:  
-    return export(tmp_path_factory, untied_llama, batch_size=1, sequence_length=96)
-
-
-@pytest.fixture(scope="module")
-def untied_b4(untied_llama, tmp_path_factory) -> Path:  
-    return export(tmp_path_factory, untied_llama, batch_size=4, sequence_length=96)
+def untied_b4(untied_llama, build_artifact) -> Path:
+    return export(build_artifact, untied_llama, batch_size=4, sequence_length=96)
 
 
 # -- check and plan: pure ------------------------------------------------------------------------
@@ -159,10 +151,10 @@ def test_fp32_artifact_compiles_to_fp32(untied_b4):
     assert compiled.get_property("KV_CACHE_PRECISION") == ov.Type.f32
 
 
-def test_fp16_artifact_stores_fp16_weights_and_validates(untied_llama, tmp_path_factory):  
+def test_fp16_artifact_stores_fp16_weights_and_validates(untied_llama, build_artifact):  
     import openvino as ov
 
-    path = export(tmp_path_factory, untied_llama, batch_size=1, sequence_length=64, **{"precision.dtype": "fp16"})
+    path = export(build_artifact, untied_llama, batch_size=1, sequence_length=64, **{"precision.dtype": "fp16"})
     manifest = artifact.read_manifest(path)
     assert manifest.precision == "fp16" and manifest.validation["passed"]
     model = ov.Core().read_model(path / "openvino_model.xml")
@@ -198,142 +190,25 @@ def test_artifact_loads_in_plain_openvino_genai(untied_b4, untied_llama):
     assert tokens == expected
 
 
-# -- generation: token for token with PyTorch ----------------------------------------------------
-
-
-@pytest.mark.parametrize("artifact_name", ["tiny_b1", "untied_b1", "untied_b4"])
-def test_greedy_run_matches_pytorch(artifact_name, request, tiny_llama, untied_llama):  
-    path = request.getfixturevalue(artifact_name)
-    checkpoint = tiny_llama if artifact_name.startswith("tiny") else untied_llama
-    manifest = artifact.read_manifest(path)
-    results = api.run(path, PROMPTS, temperature=0.0, max_new_tokens=24)
-    expected = pytorch_results(checkpoint, manifest, PROMPTS, SamplingConfig(max_new_tokens=24))
-    assert len({r.prompt_tokens for r in results}) == len(PROMPTS)
-    for got, want in zip(results, expected):
-        assert got.token_ids == want.token_ids, got.prompt
-        assert got.finish_reason == want.finish_reason
-        assert got.ttft_ms > 0
-
-
-def test_repetition_penalty_matches_pytorch(untied_b4, untied_llama):  
-    sampling = SamplingConfig(max_new_tokens=24, repetition_penalty=1.3)
-    runner = api.open_runner(untied_b4)
-    try:
-        results = generation.generate(runner, PROMPTS, sampling, chat=False)
-    finally:
-        runner.close()
-    expected = pytorch_results(untied_llama, runner.manifest, PROMPTS, sampling, chat=False)
-    assert [r.token_ids for r in results] == [r.token_ids for r in expected]
-
-
-def test_rows_stop_at_their_own_end_of_sequence(untied_b4, untied_llama):  
-    # openvino-genai drops finished rows mid-batch: the pinned batch must still run to the end.
-    from llmopt.runners.pytorch import PyTorchRunner
-
-    runner = api.open_runner(untied_b4)
-    reference = PyTorchRunner.from_checkpoint(untied_llama, batch_size=4, threads=1)
-    batch = [generation.encode_prompt(runner.tokenizer, prompt, chat=False) for prompt in PROMPTS]
-    sampling = SamplingConfig(max_new_tokens=16)
-    free = runner.generate(batch, sampling).sequences
-    row_one = free[1].token_ids
-    stop_at = next(i for i in range(2, len(row_one)) if row_one[i] not in row_one[:i])
-    stop_token = row_one[stop_at]  # row 1 stops there; the other rows wherever they meet it
-    runner.eos_token_ids = reference.eos_token_ids = {stop_token}
-    streamed: dict[int, list[int]] = {}
-    got = runner.generate(batch, sampling, on_token=lambda row, token: streamed.setdefault(row, []).append(token))
-    want = reference.generate(batch, sampling)
-    runner.close()
-    assert got.sequences[1].token_ids == row_one[: stop_at + 1] and got.sequences[1].finish_reason == "stop"
-    for row in range(4):
-        assert got.sequences[row].token_ids == want.sequences[row].token_ids
-        assert got.sequences[row].finish_reason == want.sequences[row].finish_reason
-        assert streamed[row] == got.sequences[row].token_ids
-
-
-def test_batch_of_one_streams_while_generating(untied_b1):
-    runner = api.open_runner(untied_b1)
-    try:
-        batch = [generation.encode_prompt(runner.tokenizer, PROMPTS[1], chat=False)]
-        streamed: list[int] = []
-        output = runner.generate(batch, SamplingConfig(max_new_tokens=12), on_token=lambda row, token: streamed.append(token))
-    finally:
-        runner.close()
-    assert streamed == output.sequences[0].token_ids and len(streamed) > 1
-    assert output.ttft_s > 0 and output.decode_s > 0
-
-
-def test_generation_reaching_sequence_length_stops_with_length(tiny_b1):
-    result = api.run(tiny_b1, ["hello"], temperature=0.0, max_new_tokens=1000)[0]
-    assert result.finish_reason == "length"
-    assert result.prompt_tokens + len(result.token_ids) == 64
-
-
-def test_prompt_longer_than_the_artifact_is_refused(tiny_b1):
-    with pytest.raises(PromptTooLongError, match="at most 63"):
-        api.run(tiny_b1, ["fox " * 100], max_new_tokens=4)
-    runner = api.open_runner(tiny_b1)
-    try:
-        with pytest.raises(PromptTooLongError):
-            runner.generate([[5] * 64], SamplingConfig(max_new_tokens=1))
-        with pytest.raises(UsageError, match="exactly 1 rows"):
-            runner.generate([[5], [6]], SamplingConfig(max_new_tokens=1))
-    finally:
-        runner.close()
-
-
-def test_teacher_forced_logits_match_pytorch_with_a_pinned_batch(untied_b4, untied_llama):  
-    from llmopt.runners.pytorch import PyTorchRunner
-
-    token_ids = list(range(3, 99))  # the whole sequence_length
-    runner = api.open_runner(untied_b4)
-    try:
-        logits = runner.logits(token_ids)
-        again = runner.logits(token_ids[:10])  # state from the first call must not leak in
-    finally:
-        runner.close()
-    expected = PyTorchRunner.from_checkpoint(untied_llama, threads=1).logits(token_ids)
-    assert logits.shape == expected.shape and logits.dtype == np.float32
-    np.testing.assert_allclose(logits, expected, atol=1e-3, rtol=1e-3)
-    np.testing.assert_allclose(again, expected[:10], atol=1e-3, rtol=1e-3)
-
-
-def test_sampling_is_seeded(untied_b1):
-    runs = [api.run(untied_b1, ["Hi"], temperature=1.0, top_k=0, seed=seed, max_new_tokens=16)[0].token_ids
-            for seed in (7, 7)]
-    assert runs[0] == runs[1] and len(runs[0]) > 0
-
-
-# -- the real model ------------------------------------------------------------------------------
-
-CHAT_PROMPTS = ["What is the capital of France?", "Write a haiku about compilers.", "List three colors.",
-                "Explain recursion in one sentence."]
+# -- the real model (greedy parity with PyTorch for every target: tests/test_contract.py) ---------
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("batch_size", [1, 4])
-def test_smollm2_greedy_matches_pytorch(smollm2, tmp_path_factory, batch_size):
-    path = export(tmp_path_factory, smollm2, batch_size=batch_size, sequence_length=256)
-    manifest = artifact.read_manifest(path)
-    assert manifest.validation["passed"] and manifest.validation["top1_agreement"] >= 0.99
-    prompts = CHAT_PROMPTS[:batch_size]
-    results = api.run(path, prompts, temperature=0.0, max_new_tokens=32)
-    expected = pytorch_results(smollm2, manifest, prompts, SamplingConfig(max_new_tokens=32))
-    for got, want in zip(results, expected):
-        assert got.token_ids == want.token_ids, got.prompt
-        assert got.text == want.text
-    if batch_size == 1:
-        assert_rows_without_end_tokens_run_to_the_limit(path, prompts[0])
-        import openvino as ov
-        import openvino_tokenizers  # noqa: F401  (registers the tokenizer operations with OpenVINO)
-        from transformers import AutoTokenizer
+def test_smollm2_tokenizers_and_end_tokens(smollm2, build_artifact):
+    """openvino-tokenizers' graphs in the artifact, and openvino-genai's own end tokens (parity: test_contract)."""
+    path = build_artifact(smollm2, **{"target": "openvino", "shapes.batch_size": 1, "shapes.sequence_length": 256})
+    assert_rows_without_end_tokens_run_to_the_limit(path, "What is the capital of France?")
+    import openvino as ov
+    import openvino_tokenizers  # noqa: F401  (registers the tokenizer operations with OpenVINO)
+    from transformers import AutoTokenizer
 
-        text = "Héllo wörld,\n  naïve café"
-        core = ov.Core()
-        tokenizer = core.compile_model(path / "openvino_tokenizer.xml", "CPU")
-        detokenizer = core.compile_model(path / "openvino_detokenizer.xml", "CPU")
-        ids = tokenizer([text])["input_ids"]
-        assert ids[0].tolist() == AutoTokenizer.from_pretrained(smollm2).encode(text)
-        assert detokenizer(ids)["string_output"].tolist() == [text]
+    text = "Héllo wörld,\n  naïve café"
+    core = ov.Core()
+    tokenizer = core.compile_model(path / "openvino_tokenizer.xml", "CPU")
+    detokenizer = core.compile_model(path / "openvino_detokenizer.xml", "CPU")
+    ids = tokenizer([text])["input_ids"]
+    assert ids[0].tolist() == AutoTokenizer.from_pretrained(smollm2).encode(text)
+    assert detokenizer(ids)["string_output"].tolist() == [text]
 
 
 def assert_rows_without_end_tokens_run_to_the_limit(path: Path, prompt: str) -> None:

@@ -1,7 +1,8 @@
 """Fully static-shape artifacts (``shapes.static: true``) for the onnx and openvino targets.
 
 Pure tests (plan, check) run anywhere; the rest export small artifacts through ``api.export`` and
-need the target's extra. They run on ``context_llama``, tiny_llama with a wider random init: tiny_llama's
+need the target's extra. What every target must do (parity, pinned batches, limits, sampling,
+verify, SmolLM2) is in tests/test_contract.py, where the static graphs are targets of their own. They run on ``context_llama``, tiny_llama with a wider random init: tiny_llama's
 greedy output only repeats a token, this one's depends on the context. The cache handling is also
 checked step by step against PyTorch's logits (teacher forcing).
 """
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmopt import api, artifact, generation
+from llmopt import api, artifact
 from llmopt.errors import RecipeError
 from llmopt.recipe import resolve
 from llmopt.runners.base import SamplingConfig
@@ -244,79 +245,3 @@ def test_decode_steps_match_pytorch_logits(context_llama, exported, backend):
         with torch.no_grad():
             expected = model(torch.tensor([prompt + continuation])).logits[0, len(prompt) - 1:].numpy()
         np.testing.assert_allclose(np.stack([step[row] for step in steps]), expected, atol=2e-4, rtol=1e-4)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sequence_length_ends_generation_with_length(context_llama, exported, backend):
-    runner = api.open_runner(exported(context_llama, backend, 1))
-    prompt = (runner.tokenizer.encode(" ".join(PROMPTS)) * 4)[: SEQUENCE_LENGTH - 3]
-    output = runner.generate([prompt], SamplingConfig(max_new_tokens=100))
-    sequence = output.sequences[0]
-    assert len(sequence.token_ids) == 3 and sequence.finish_reason == "length"
-    results = generation.generate(runner, ["Hi"], SamplingConfig(max_new_tokens=1000), chat=False)
-    assert results[0].finish_reason == "length" and results[0].prompt_tokens + len(results[0].token_ids) == SEQUENCE_LENGTH
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_each_row_stops_at_its_own_end_of_sequence(context_llama, exported, backend):
-    runner = api.open_runner(exported(context_llama, backend, 4))
-    batch = encode(runner.tokenizer, PROMPTS, 4)
-    sampling = SamplingConfig(max_new_tokens=12)
-    free = runner.generate(batch, sampling).sequences
-    stop_token = free[1].token_ids[2]  # row 1 ends at its third token; other rows wherever it appears
-    runner.eos_token_ids = {stop_token}
-    streamed: dict[int, list[int]] = {row: [] for row in range(4)}
-    stopped = runner.generate(batch, sampling, on_token=lambda row, token: streamed[row].append(token)).sequences
-    for row in range(4):
-        tokens = free[row].token_ids
-        if stop_token in tokens:
-            end = tokens.index(stop_token) + 1
-            assert stopped[row].token_ids == tokens[:end] and stopped[row].finish_reason == "stop"
-        else:
-            assert stopped[row].token_ids == tokens and stopped[row].finish_reason == "length"
-        assert streamed[row] == stopped[row].token_ids
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_sampling_is_seeded(context_llama, exported, backend):
-    runner = api.open_runner(exported(context_llama, backend, 4))
-    batch = encode(runner.tokenizer, PROMPTS, 4)
-    sampled = SamplingConfig(max_new_tokens=10, temperature=0.8, top_k=20, top_p=0.9, repetition_penalty=1.2, seed=7)
-    first, second = runner.generate(batch, sampled), runner.generate(batch, sampled)
-    assert [s.token_ids for s in first.sequences] == [s.token_ids for s in second.sequences]
-    vocab = len(runner.tokenizer)
-    assert all(0 <= token < vocab for s in first.sequences for token in s.token_ids)
-    top_one = SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=1)
-    greedy = SamplingConfig(max_new_tokens=10)
-    assert ([s.token_ids for s in runner.generate(batch, top_one).sequences]
-            == [s.token_ids for s in runner.generate(batch, greedy).sequences])
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_api_run_streams_text(context_llama, exported, backend):
-    chunks: dict[int, str] = {}
-    results = api.run(exported(context_llama, backend, 4), PROMPTS[:3], chat=True, max_new_tokens=6,
-                      on_text=lambda index, text: chunks.__setitem__(index, chunks.get(index, "") + text))
-    assert len(results) == 3
-    for index, result in enumerate(results):
-        assert result.token_ids and result.finish_reason in ("stop", "length")
-        assert result.text.startswith(chunks.get(index, ""))  # a trailing partial UTF-8 character is held back
-
-
-# --------------------------------------------------------------------------- SmolLM2
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("batch_size", [1, 4])
-def test_smollm2_static_greedy_equals_pytorch(smollm2, exported, backend, batch_size):
-    path = exported(smollm2, backend, batch_size, sequence_length=256)
-    manifest = artifact.load(path)
-    assert manifest.validation["passed"]
-    runner = api.open_runner(path)
-    try:
-        batch = [generation.encode_prompt(runner.tokenizer, prompt, chat=True) for prompt in PROMPTS][:batch_size]
-        output = runner.generate(batch, SamplingConfig(max_new_tokens=32))
-    finally:
-        runner.close()
-    assert [sequence.token_ids for sequence in output.sequences] == pytorch_greedy(smollm2, batch, 32)

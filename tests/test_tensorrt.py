@@ -9,7 +9,6 @@ and an NVIDIA GPU is present (``make install-tensorrt``).
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import types
@@ -20,11 +19,11 @@ import pytest
 
 from llmopt import api, artifact
 from llmopt.artifact import Manifest
-from llmopt.cli.main import main
 from llmopt.errors import ArtifactError, MissingDependencyError, RecipeError, UsageError
 from llmopt.exporters import tensorrt as trt
 from llmopt.hardware import GIB, GPUS, DetectedGpu, detect_gpus, gpu_spec
 from llmopt.recipe import resolve
+from tests._hardening import assert_one_error_line, dry_run, failing
 from llmopt.runners import tensorrt as trt_runner
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,23 +43,7 @@ def _no_debug(monkeypatch):
     monkeypatch.delenv("LLMOPT_DEBUG", raising=False)
 
 
-def dry_run(capsys, *args: str):
-    code = main(["export", *args, "--dry-run", "--json"])
-    captured = capsys.readouterr()
-    return code, (json.loads(captured.out) if code == 0 else None), captured.err
 
-
-def failing(capsys, *args: str) -> tuple[int, str]:
-    code = main(list(args))
-    return code, capsys.readouterr().err
-
-
-def assert_one_error_line(err: str, *needles: str) -> None:
-    assert "Traceback" not in err
-    first = err.splitlines()[0]
-    assert first.startswith("error: ")
-    for needle in needles:
-        assert needle in first, first
 
 
 # ------------------------------------------------------------------------------ shipped recipes

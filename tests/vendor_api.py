@@ -100,8 +100,12 @@ class Surface:
     def symbol(self, qualname: str) -> Symbol:
         if self.snapshot is not None:
             entry = self.snapshot["symbols"].get(qualname)
-            if entry is None:
-                raise MissingSymbol(f"{qualname} is not in the snapshot of {self.name}")
+            if entry is None:  # an enum member or a field: an attribute the owning class lists
+                owner, _, attribute = qualname.rpartition(".")
+                parent = self.snapshot["symbols"].get(owner)
+                if parent is None or attribute not in (*parent.get("members", []), *parent.get("fields", [])):
+                    raise MissingSymbol(f"{qualname} is not in the snapshot of {self.name}")
+                return Symbol(qualname, parent["file"], parent["line"], "attribute")
             return Symbol(qualname, entry["file"], entry["line"], entry["kind"], list(entry.get("parameters", [])),
                           bool(entry.get("var_keyword")), list(entry.get("fields", [])), list(entry.get("members", [])))
         parts = qualname.split(".")

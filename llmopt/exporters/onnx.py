@@ -13,12 +13,8 @@ always the fp one: int8/int4 weights are a pass over it afterwards (``llmopt.qua
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -163,25 +159,16 @@ def run_builder(recipe: Recipe, checkpoint: Path, workdir: Path) -> None:
     builder = require("onnxruntime_genai.models.builder", extra="onnx", package="onnxruntime-genai")
     events.info(f"building the ONNX graph with onnxruntime-genai's model builder ({recipe.precision.dtype}, "
                 f"{recipe.onnx.provider})")
-    log = io.StringIO()
-    sink = sys.stderr if os.environ.get("LLMOPT_DEBUG") else log
-    with tempfile.TemporaryDirectory(prefix="llmopt-onnx-") as scratch:
-        try:
-            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
-                builder.create_model(
-                    None,
-                    str(checkpoint),
-                    str(workdir),
-                    recipe.precision.dtype,
-                    BUILDER_PROVIDERS[recipe.onnx.provider],
-                    str(Path(scratch) / "cache"),
-                    **builder_options(recipe),
-                )
-        except Exception:
-            tail = log.getvalue().strip().splitlines()[-20:]
-            if tail:
-                events.warning("model builder output before the failure:\n" + "\n".join(tail))
-            raise
+    with tempfile.TemporaryDirectory(prefix="llmopt-onnx-") as scratch, events.backend_output_hidden("model builder"):
+        builder.create_model(
+            None,
+            str(checkpoint),
+            str(workdir),
+            recipe.precision.dtype,
+            BUILDER_PROVIDERS[recipe.onnx.provider],
+            str(Path(scratch) / "cache"),
+            **builder_options(recipe),
+        )
 
 
 def pin_batch_dimension(model_path: Path, batch_size: int) -> dict[str, Any]:

@@ -21,12 +21,9 @@ always the fp one: int8/int4 weights are a pass over it afterwards (``llmopt.qua
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import shutil
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from llmopt import events
 from llmopt._deps import require
@@ -162,30 +159,13 @@ def runtime_options(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-@contextlib.contextmanager
-def backend_output_hidden(backend: str) -> Iterator[None]:
-    """Keep a backend's prints and tracer warnings off the terminal (shown with LLMOPT_DEBUG, or on failure)."""
-    if os.environ.get("LLMOPT_DEBUG"):
-        yield
-        return
-    log = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            yield
-    except Exception:
-        tail = log.getvalue().strip().splitlines()[-20:]
-        if tail:
-            events.warning(f"{backend} output before the failure:\n" + "\n".join(tail))
-        raise
-
-
 def run_optimum_export(recipe: Recipe, checkpoint: Path, output: Path) -> None:
     torch = require("torch", extra="openvino")
     main_export = require("optimum.exporters.openvino", extra="openvino", package="optimum-intel").main_export
     configuration = require("optimum.intel.openvino.configuration", extra="openvino", package="optimum-intel")
     dtype = recipe.precision.dtype
     events.info(f"tracing {recipe.model.id} with optimum-intel ({dtype}, stateful)")
-    with backend_output_hidden("optimum-intel"):
+    with events.backend_output_hidden("optimum-intel"):
         main_export(
             str(checkpoint),
             output=output,

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from llmopt import events
 from llmopt._deps import require
-from llmopt.exporters.openvino import backend_output_hidden
 from llmopt.quantize import calibration
 from llmopt.recipe import Recipe
 
@@ -36,7 +36,7 @@ def compress_nncf(model, recipe: Recipe, arguments: dict[str, Any], tokenizer):
     level = nncf_logger.level
     nncf_logger.setLevel(logging.WARNING)
     try:
-        with backend_output_hidden("nncf"):
+        with events.backend_output_hidden("nncf"):
             compressed = nncf.compress_weights(model, **call)
     finally:
         nncf_logger.setLevel(level)

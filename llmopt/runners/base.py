@@ -19,7 +19,7 @@ import numpy as np
 from llmopt import artifact
 from llmopt._deps import version_of
 from llmopt.artifact import Manifest
-from llmopt.errors import UsageError
+from llmopt.errors import PromptTooLongError, UsageError
 
 TokenCallback = Callable[[int, int], None]
 
@@ -82,6 +82,23 @@ class Speculation:
         if self.method == "draft":
             return f"draft:{Path(self.draft).name}:{self.num_tokens}"
         return f"prompt-lookup:{self.num_tokens}"
+
+
+def max_prompt_tokens(sequence_length: int) -> int:
+    """A prompt must leave room for at least one generated token."""
+    return sequence_length - 1
+
+
+def check_prompt_length(prompt_ids: list[int], sequence_length: int, index: int = 0) -> None:
+    limit = max_prompt_tokens(sequence_length)
+    if not prompt_ids:
+        raise UsageError(f"prompt {index + 1} is empty after tokenization; give some text (or drop --raw)")
+    if len(prompt_ids) > limit:
+        raise PromptTooLongError(
+            f"prompt {index + 1} has {len(prompt_ids)} tokens but the artifact accepts at most {limit} "
+            f"(sequence_length {sequence_length} minus one generated token)",
+            hint="re-export with a larger --sequence-length, or shorten the prompt",
+        )
 
 
 def cut_at_eos(tokens: list[int], eos_token_ids: set[int], max_new_tokens: int) -> SequenceOutput:
@@ -161,6 +178,13 @@ class Runner(ABC):
 
         if AutoTokenizer.from_pretrained(draft).get_vocab() != self.tokenizer.get_vocab():
             raise UsageError(f"draft model '{draft}' has another tokenizer than '{self.path}'; a draft must share it")
+
+    def check_batch(self, batch: list[list[int]]) -> None:
+        """Exactly ``batch_size`` rows, each a prompt that leaves room for one generated token."""
+        if len(batch) != self.batch_size:
+            raise UsageError(f"the artifact runs batches of exactly {self.batch_size} rows, got {len(batch)}")
+        for index, ids in enumerate(batch):
+            check_prompt_length(ids, self.sequence_length, index)
 
     @abstractmethod
     def generate(self, batch: list[list[int]], sampling: SamplingConfig, on_token: TokenCallback | None = None) -> BatchOutput:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from llmopt._deps import require
-from llmopt.errors import ArtifactError, MissingDependencyError, PromptTooLongError, UsageError
+from llmopt.errors import ArtifactError, MissingDependencyError, PromptTooLongError
 from llmopt.gpu import require_gpu
 from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, SequenceOutput, TokenCallback
 
@@ -84,22 +84,8 @@ class OnnxRunner(Runner):
         params.set_search_options(**options)
         return og.Generator(self.model, params)
 
-    def _check_batch(self, batch: list[list[int]]) -> None:
-        if len(batch) != self.batch_size:
-            raise UsageError(f"the artifact runs batches of exactly {self.batch_size} rows, got {len(batch)}")
-        limit = self.sequence_length - 1
-        for index, ids in enumerate(batch):
-            if not ids:
-                raise UsageError(f"row {index + 1} of the batch is empty")
-            if len(ids) > limit:
-                raise PromptTooLongError(
-                    f"prompt {index + 1} has {len(ids)} tokens but the artifact accepts at most {limit} "
-                    f"(sequence_length {self.sequence_length} minus one generated token)",
-                    hint="re-export with a larger --sequence-length, or shorten the prompt",
-                )
-
     def generate(self, batch: list[list[int]], sampling: SamplingConfig, on_token: TokenCallback | None = None) -> BatchOutput:
-        self._check_batch(batch)
+        self.check_batch(batch)
         width = max(len(ids) for ids in batch)
         max_new_tokens = min(sampling.max_new_tokens, self.sequence_length - width)
         input_ids = np.full((self.batch_size, width), PAD_ID, dtype=np.int32)

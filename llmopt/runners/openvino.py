@@ -24,7 +24,6 @@ import numpy as np
 from llmopt import artifact
 from llmopt._deps import require
 from llmopt.errors import PromptTooLongError, UsageError
-from llmopt.generation import check_prompt_length
 from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, SequenceOutput, Speculation, TokenCallback
 
 MODEL_FILE = "openvino_model.xml"
@@ -114,12 +113,6 @@ class OpenVINORunner(Runner):
             config.rng_seed = sampling.seed
         return config
 
-    def _check_batch(self, batch: list[list[int]]) -> None:
-        if len(batch) != self.batch_size:
-            raise UsageError(f"the artifact runs batches of exactly {self.batch_size} rows, got {len(batch)}")
-        for index, ids in enumerate(batch):
-            check_prompt_length(ids, self.sequence_length, index)
-
     def _inputs(self, batch: list[list[int]]):
         width = max(len(ids) for ids in batch)
         input_ids = np.full((len(batch), width), self.pad_token_id, dtype=np.int64)
@@ -130,7 +123,7 @@ class OpenVINORunner(Runner):
         return self.genai.TokenizedInputs(self.ov.Tensor(input_ids), self.ov.Tensor(attention_mask)), width
 
     def generate(self, batch: list[list[int]], sampling: SamplingConfig, on_token: TokenCallback | None = None) -> BatchOutput:
-        self._check_batch(batch)
+        self.check_batch(batch)
         inputs, width = self._inputs(batch)
         max_new_tokens = min(sampling.max_new_tokens, self.sequence_length - width)
         config = self._generation_config(sampling, max_new_tokens)

@@ -108,10 +108,8 @@ class StaticGraphRunner(Runner):
 
     def generate(self, batch: list[list[int]], sampling: SamplingConfig, on_token: TokenCallback | None = None) -> BatchOutput:
         started = time.perf_counter()
+        self.check_batch(batch)
         lengths = np.array([len(ids) for ids in batch], dtype=np.int64)
-        if len(batch) != self.batch_size or lengths.min() < 1 or lengths.max() >= self.sequence_length:
-            raise UsageError(f"generate needs {self.batch_size} prompts of 1 to {self.sequence_length - 1} tokens, "
-                             f"got {len(batch)} of {lengths.min()} to {lengths.max()}")
         sampler = Sampler(sampling, batch)
         logits, present_keys, present_values = self.prefill(batch)
         keys = np.array(present_keys, dtype=self.float_type, copy=True)  # the host cache, written in place
