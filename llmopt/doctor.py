@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from packaging.version import InvalidVersion, Version
 from llmopt import __version__, artifact
 from llmopt._deps import install_hint, version_of
 from llmopt.errors import ArtifactError, LlmoptError
-from llmopt.hardware import cpu_description
+from llmopt.hardware import cpu_description, query_nvidia_smi
 from llmopt.registry import TARGETS, runner_class
 
 # The extras shown by doctor: the PyTorch baseline, every target, and the ONNX GPU flavour.
@@ -168,17 +166,7 @@ def cpu_info() -> dict[str, Any]:
 
 def nvidia_gpus() -> list[dict[str, str]] | str:
     """GPUs from nvidia-smi, [] without it, or a one-line reason when it fails."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
-    query = "name,memory.total,driver_version,compute_cap"
-    try:
-        out = subprocess.run([smi, f"--query-gpu={query}", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=15, check=True).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        return f"nvidia-smi failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
-    keys = query.split(",")
-    return [dict(zip(keys, (part.strip() for part in line.split(",")))) for line in out.splitlines() if line.strip()]
+    return query_nvidia_smi(("name", "memory.total", "driver_version", "compute_cap"))
 
 
 def neuron_devices() -> list[str]:

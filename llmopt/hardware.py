@@ -209,27 +209,33 @@ def _parse_compute_cap(text: str) -> int:
     return int(major) * 10 + int(minor or 0)
 
 
-def detect_gpus(timeout_s: float = 10.0) -> list[DetectedGpu]:
-    """The NVIDIA GPUs of this machine via ``nvidia-smi`` (no CUDA library import); [] when none."""
+def query_nvidia_smi(fields: tuple[str, ...], timeout_s: float = 15.0) -> list[dict[str, str]] | str:
+    """One row per GPU from ``nvidia-smi --query-gpu`` (no CUDA library import): [] without nvidia-smi,
+    or a one-line reason when it fails. The one place this machine's GPUs are read."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return []
     try:
-        completed = subprocess.run(
-            [smi, "--query-gpu=name,compute_cap,memory.total", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=timeout_s, check=False,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return []
-    if completed.returncode != 0:
-        return []
-    gpus = []
+        completed = subprocess.run([smi, f"--query-gpu={','.join(fields)}", "--format=csv,noheader"],
+                                   capture_output=True, text=True, timeout=timeout_s, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"nvidia-smi failed: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    rows = []
     for line in completed.stdout.splitlines():
         parts = [part.strip() for part in line.split(",")]
-        if len(parts) != 3:
-            continue
+        if len(parts) == len(fields):
+            rows.append(dict(zip(fields, parts)))
+    return rows
+
+
+def detect_gpus(timeout_s: float = 10.0) -> list[DetectedGpu]:
+    """The NVIDIA GPUs of this machine via ``nvidia-smi``; [] when none (or nvidia-smi fails)."""
+    rows = query_nvidia_smi(("name", "compute_cap", "memory.total"), timeout_s)
+    gpus = []
+    for row in rows if isinstance(rows, list) else []:
         try:
-            gpus.append(DetectedGpu(parts[0], _parse_compute_cap(parts[1]), int(float(parts[2])) * 1024**2))
+            gpus.append(DetectedGpu(row["name"], _parse_compute_cap(row["compute_cap"]),
+                                    int(float(row["memory.total"].split()[0])) * 1024**2))  # "81559 MiB"
         except ValueError:
             continue
     return gpus

@@ -492,3 +492,17 @@ def test_tensorrt_environment_resolves_with_pip():
     """pip's resolver, against the package registry, for the release's Python 3.12 wheels (the Makefile's)."""
     pins = _pins_script()
     assert pins.main(["--python", "3.12"]) == 0
+
+
+def test_detect_gpus_reads_nvidia_smi(tmp_path, monkeypatch):
+    """The one nvidia-smi probe (llmopt.hardware.query_nvidia_smi) that detect_gpus and doctor share."""
+    import os
+    import stat
+
+    script = tmp_path / "nvidia-smi"
+    script.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 9.0, 81559 MiB'\necho 'Tesla T4, 7.5, 15360 MiB'\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    assert detect_gpus() == [DetectedGpu("NVIDIA H100 80GB HBM3", 90, 81559 * 2**20), DetectedGpu("Tesla T4", 75, 15360 * 2**20)]
+    script.write_text("#!/bin/sh\nexit 9\n")
+    assert detect_gpus() == []
