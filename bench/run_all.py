@@ -112,7 +112,7 @@ def goals(rows: list[dict], bounds: list[dict], overhead: list[dict]) -> list[di
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: one ratio, 16 new tokens, 2 repetitions")
-    parser.add_argument("--baseline", default="pytorch", help="as llmopt bench --baseline")
+    parser.add_argument("--baseline", default="pytorch:all", help="as llmopt bench --baseline")
     parser.add_argument("-r", "--repetitions", type=int, default=5)
     args = parser.parse_args(argv)
 

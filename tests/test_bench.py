@@ -95,7 +95,8 @@ def test_summarize_follows_the_definitions():
 
 
 def test_parse_baselines():
-    assert parse_baselines(["pytorch"]) == ["eager", "static", "compile"]
+    assert parse_baselines(["pytorch"]) == ["eager"]  # the plain baseline users ask for; the others behind :all
+    assert parse_baselines(["pytorch:all"]) == ["eager", "static", "compile"]
     assert parse_baselines(["pytorch:eager,static"]) == ["eager", "static"]
     assert parse_baselines(["pytorch:static", "pytorch:eager", "pytorch:static"]) == ["static", "eager"]
     assert parse_baselines(["none"]) == []
@@ -390,3 +391,14 @@ def test_membw_measures_and_bounds(fake_artifact, tmp_path, capsys):
     assert membw.main([str(fake_artifact), "--size-mib", "16", "--repeat", "1", "--bench", str(bench_rows), "--json"]) == 0
     (bound,) = json.loads(capsys.readouterr().out)["bounds"]
     assert bound["measured_tok_s"] == 123.0 and bound["bound_tok_s"] > 0 and bound["of_bound"] > 0
+
+
+def test_a_plain_bench_is_one_llama_bench_case_and_the_sweep_is_a_flag():
+    """llama-bench's shape by default: one 128-token prompt and 128 new tokens; --sweep gives 25/50/75 %."""
+    from llmopt.benchmark import plan
+
+    assert plan._input_pairs(BenchConfig(), 512) == ([(128, 128)], [])
+    assert plan._input_pairs(BenchConfig(), 64) == ([(32, 32)], [])  # capped to fit a short artifact
+    assert plan._input_pairs(BenchConfig(new_tokens=16), 512) == ([(128, 16)], [])
+    swept, _ = plan._input_pairs(BenchConfig(input_ratios=list(plan.SWEEP_RATIOS)), 512)
+    assert swept == [(128, 384), (256, 256), (384, 128)]

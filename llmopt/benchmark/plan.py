@@ -29,6 +29,11 @@ from llmopt.runners.pytorch import PyTorchRunner  # its module imports neither t
 PYTORCH_MODES = ("eager", "static", "compile")
 DEFAULT_SEQUENCE_LENGTH = 512  # a baseline-only run with no --sequence-length
 GROUNDED_NEW_TOKENS = 128
+# A plain run measures one case, as llama-bench does: a 128-token prompt, then 128 new tokens (both
+# capped to fit the sequence length). The 25/50/75 % sweep is SWEEP_RATIOS (llmopt bench --sweep).
+DEFAULT_INPUT_LENGTH = 128
+DEFAULT_NEW_TOKENS = 128
+SWEEP_RATIOS = (0.25, 0.5, 0.75)
 
 
 @dataclass
@@ -37,9 +42,9 @@ class BenchConfig:
     baselines: list[str] = field(default_factory=list)  # PyTorch modes
     baseline_model: str | None = None
     baseline_dtype: str = "fp32"
-    input_ratios: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
-    input_lengths: list[int] | None = None
-    new_tokens: int | None = None
+    input_ratios: list[float] | None = None  # fractions of each sequence_length (the sweep)
+    input_lengths: list[int] | None = None  # absolute lengths; with neither, one DEFAULT_INPUT_LENGTH case
+    new_tokens: int | None = None  # cap; default DEFAULT_NEW_TOKENS for the one case, the rest of the sequence otherwise
     batch_sizes: list[int] | None = None
     sequence_length: int | None = None  # only for a baseline-only run
     repetitions: int = 5
@@ -91,7 +96,7 @@ class Subject:
 
 
 def parse_baselines(specs: list[str]) -> list[str]:
-    """``pytorch`` (all three modes), ``pytorch:eager,static``, or ``none``; repeatable."""
+    """``pytorch`` (eager), ``pytorch:all`` (eager, static, compile), ``pytorch:eager,static``, or ``none``."""
     modes: list[str] = []
     for spec in specs:
         for item in spec.split(","):
@@ -100,13 +105,15 @@ def parse_baselines(specs: list[str]) -> list[str]:
                 continue
             runtime, _, mode = item.partition(":")
             if runtime == "pytorch" and not mode:
+                chosen = ["eager"]
+            elif runtime == "pytorch" and mode == "all":
                 chosen = list(PYTORCH_MODES)
             elif runtime == "pytorch" and mode in PYTORCH_MODES:
                 chosen = [mode]
             elif not mode and item in PYTORCH_MODES:  # the second mode of "pytorch:eager,static"
                 chosen = [item]
             else:
-                raise UsageError(f"unknown baseline '{item}'; accepted: pytorch, "
+                raise UsageError(f"unknown baseline '{item}'; accepted: pytorch (eager), pytorch:all, "
                                  + ", ".join(f"pytorch:{mode}" for mode in PYTORCH_MODES) + ", none")
             modes += [mode for mode in chosen if mode not in modes]
     return modes
@@ -114,6 +121,9 @@ def parse_baselines(specs: list[str]) -> list[str]:
 
 def _input_pairs(config: BenchConfig, sequence_length: int) -> tuple[list[tuple[int, int]], list[str]]:
     """(input length, new tokens) pairs for one sequence length, and notes on lengths that do not fit."""
+    if not config.input_lengths and not config.input_ratios:  # the one default case
+        length = min(DEFAULT_INPUT_LENGTH, sequence_length // 2)
+        return [(length, min(config.new_tokens or DEFAULT_NEW_TOKENS, sequence_length - length))], []
     lengths = config.input_lengths or [max(1, round(ratio * sequence_length)) for ratio in config.input_ratios]
     pairs, notes = [], []
     for length in dict.fromkeys(lengths):

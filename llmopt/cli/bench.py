@@ -77,16 +77,19 @@ class _Progress:
 @app.command()
 def bench(
     artifacts: list[Path] = typer.Argument(None, help="Artifact directories (each runs in its own process)."),
-    baseline: list[str] = typer.Option([], "--baseline", help="pytorch (eager, static and compile), pytorch:eager, "
-                                       "pytorch:static, pytorch:compile, pytorch:eager,static, or none. Repeatable."),
+    baseline: list[str] = typer.Option([], "--baseline", help="pytorch (eager), pytorch:all (eager, static and "
+                                       "compile), pytorch:static, pytorch:compile, pytorch:eager,static, or none. "
+                                       "Repeatable."),
     baseline_model: Optional[str] = typer.Option(None, "--baseline-model", help="Checkpoint for the baseline "
                                                  "(default: each artifact's source checkpoint)."),
     baseline_dtype: str = typer.Option("fp32", "--baseline-dtype", help="fp32, fp16 or bf16."),
-    input_ratios: str = typer.Option("0.25,0.5,0.75", "--input-ratios", help="Input lengths as fractions of each "
-                                     "artifact's sequence_length; the rest of the sequence is generated."),
+    sweep: bool = typer.Option(False, "--sweep", help="Input lengths at 25, 50 and 75 %% of each sequence_length, "
+                               "the rest of the sequence generated (default: one 128-token prompt, 128 new tokens)."),
+    input_ratios: Optional[str] = typer.Option(None, "--input-ratios", help="Input lengths as fractions of each "
+                                               "artifact's sequence_length; the rest of the sequence is generated."),
     input_lengths: Optional[str] = typer.Option(None, "--input-lengths", help="Absolute input lengths (replace --input-ratios)."),
     new_tokens: Optional[int] = typer.Option(None, "--new-tokens", min=2, help="Cap on generated tokens (default: "
-                                             "up to the sequence length)."),
+                                             "128 for the default case, up to the sequence length for a sweep)."),
     batch_sizes: Optional[str] = typer.Option(None, "--batch-sizes", help="Batch sizes; an artifact runs only its "
                                               "pinned one (others are skipped with a note). Default: the artifacts' own."),
     sequence_length: Optional[int] = typer.Option(None, "--sequence-length", min=8, help="Baseline-only runs: the "
@@ -113,6 +116,7 @@ def bench(
     """Latency, throughput and memory of artifacts and the PyTorch baseline, side by side, in one run."""
     from llmopt import api
     from llmopt.benchmark import BenchConfig, parse_baselines, report
+    from llmopt.benchmark.plan import SWEEP_RATIOS
 
     chosen = _format_for(fmt, json_output, output)
     if baseline_dtype not in ("fp32", "fp16", "bf16"):
@@ -120,7 +124,7 @@ def bench(
     config = BenchConfig(
         artifacts=[str(path) for path in artifacts or []], baselines=parse_baselines(baseline),
         baseline_model=baseline_model, baseline_dtype=baseline_dtype,
-        input_ratios=_numbers(input_ratios, float, "--input-ratios"),
+        input_ratios=_numbers(input_ratios, float, "--input-ratios") or (list(SWEEP_RATIOS) if sweep else None),
         input_lengths=_numbers(input_lengths, int, "--input-lengths"), new_tokens=new_tokens,
         batch_sizes=_numbers(batch_sizes, int, "--batch-sizes"), sequence_length=sequence_length,
         repetitions=repetitions, warmup=warmup, seed=seed, threads=threads, prompt_lookup=prompt_lookup,
@@ -128,7 +132,7 @@ def bench(
     )
     if not config.artifacts and not config.baselines:
         raise UsageError("nothing to benchmark: give artifact directories and/or --baseline pytorch")
-    if any(ratio >= 1 for ratio in config.input_ratios):
+    if any(ratio >= 1 for ratio in config.input_ratios or []):
         raise UsageError("--input-ratios must be below 1 (the rest of the sequence is generated)")
     with _Progress(sys.stderr.isatty()) as progress:
         result = api.bench(config, on_event=progress)
