@@ -55,6 +55,7 @@ class BenchConfig:
     drafts: list[str] = field(default_factory=list)  # draft models for assisted-generation rows
     draft_tokens: int = 5  # candidate tokens per step with a draft
     verify: bool = True
+    profile: bool = False  # one more run of each subject's first case under its runtime's profiler
     extra_subjects: list["Subject"] = field(default_factory=list)  # pinned subjects built by scripts
 
 

@@ -65,6 +65,7 @@ def machine_line(machine: dict) -> str:
 def to_json_lines(rows: list[dict], machine: dict) -> str:
     return "".join(json.dumps({**flat(row), "runtimes": row.get("runtimes"), "threads_how": row.get("threads_how"),
                                "rss_method": row.get("rss_method"), "samples": row.get("samples"),
+                               **({"profile": row["profile"]} if row.get("profile") else {}),
                                "machine": machine}, default=str) + "\n" for row in rows)
 
 
@@ -239,3 +240,40 @@ def plot(rows: list[dict], path: str | Path) -> Path:
     figure.savefig(path, format="png", dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path
+
+
+def print_profiles(rows: list[dict], console=None) -> None:
+    """``--profile``: per subject, where a decode step and the prefill spend their time (ms), by layer role and
+    by operator type; host = the measured time (TPOT, TTFT medians) minus the runtime's operator time."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    from llmopt.profiling import ROLES
+
+    if console is None:
+        console = Console() if sys.stdout.isatty() else Console(width=200)
+    profiled = [row for row in rows if row.get("profile")]
+    table = Table(title="where the time goes (ms; decode per token, prefill per prompt)", box=box.SIMPLE_HEAD,
+                  show_edge=False, pad_edge=False, padding=(0, 1))
+    for header in ("subject", "phase", "measured", "operators", *ROLES, "host", "top operator types"):
+        table.add_column(header, justify="left" if header in ("subject", "phase", "top operator types") else "right")
+    for row in profiled:
+        profile = row["profile"]
+        if "error" in profile:
+            console.print(f"note: {short_name(row['subject'])}: no profile: {profile['error']}", markup=False,
+                          highlight=False)
+            continue
+        for phase, measured in (("decode", row.get("tpot_ms")), ("prefill", row.get("ttft_ms"))):
+            part = profile[phase]
+            measured = measured if measured is not None else part["wall_ms"]
+            top = ", ".join(f"{name} {ms:.2f}" for name, ms in list(part["by_op_type"].items())[:3])
+            table.add_row(Text(short_name(row["subject"])), phase, f"{measured:.2f}", f"{part['operator_ms']:.2f}",
+                          *[f"{part['by_role'].get(role, 0.0):.2f}" for role in ROLES],
+                          f"{max(measured - part['operator_ms'], 0.0):.2f}", Text(top))
+    if profiled:
+        console.print(table)
+        notes = {row["profile"].get("note") for row in profiled if row["profile"].get("note")}
+        for note in sorted(notes):
+            console.print(f"note: {note}", markup=False, highlight=False)

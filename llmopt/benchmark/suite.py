@@ -102,6 +102,8 @@ def _rows_for(subject: Subject, result: dict, size_bytes: int | None) -> list[di
             samples={name: [round(value * 1000.0, 3) for value in values] if name.endswith("_s") else values
                      for name, values in samples.items()},
         )
+        if index == result.get("profile", {}).get("case"):
+            row["profile"] = {key: value for key, value in result["profile"].items() if key != "case"}
         rows.append(row)
     return rows
 
@@ -169,7 +171,7 @@ def run(config: BenchConfig, on_event: Callable[[dict], None] | None = None) -> 
                 plan = {
                     "subject": {key: value for key, value in asdict(subject).items() if key not in ("cases", "skipped")},
                     "threads": threads, "warmup": config.warmup, "repetitions": config.repetitions,
-                    "verify": config.verify,
+                    "verify": config.verify, "profile": config.profile,
                     "cases": [{"id": index, **asdict(case),
                                "prompt_ids": prompt_ids[number][index]}
                               for index, case in enumerate(subject.cases)],

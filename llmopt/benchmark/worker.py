@@ -100,6 +100,17 @@ def run_case(runner, case: dict, warmup: int, repetitions: int, peak, on_rep) ->
     return {"id": case["id"], "samples": samples, "first_call_s": first_call_s, "peak_rss_bytes": peak.peak()}
 
 
+def profile_case(runner, case: dict) -> dict:
+    """One more greedy generation of the case under the runtime's profiler (not timed with the others)."""
+    emit("profiling", case=case["id"])
+    set_speculation(runner, None)
+    try:
+        return {"case": case["id"], **runner.profile(case["prompt_ids"], case["new_tokens"])}
+    except Exception as exc:  # a runner without a profiler, or a profiler failure: the rows stand
+        message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+        return {"case": case["id"], "error": message.splitlines()[0][:300]}
+
+
 def run_plan(plan: dict) -> dict:
     from llmopt.benchmark.machine import PeakRss, current_rss, runtimes_loaded
 
@@ -135,6 +146,8 @@ def run_plan(plan: dict) -> dict:
             outcome = {"id": case["id"], "error": f"{type(exc).__name__}: {exc}".splitlines()[0][:300],
                        "traceback": traceback.format_exc(limit=6)}
         result["cases"].append(outcome)
+    if plan.get("profile") and plan["cases"]:
+        result["profile"] = profile_case(runner, plan["cases"][0])
     result["runtimes"] = runtimes_loaded()
     runner.close()
     peak.close()

@@ -112,6 +112,9 @@ def bench(
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="Write every output there: bench.jsonl, "
                                               "bench.csv, bench.md and bench.png (the table still goes to stdout)."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Re-hash artifact files before loading (not timed)."),
+    profile: bool = typer.Option(False, "--profile", help="Where the time goes: one more run of each subject's first "
+                                 "case under its runtime's profiler (onnxruntime session profiling, OpenVINO "
+                                 "performance counters), per operator type and per layer role."),
 ) -> None:
     """Latency, throughput and memory of artifacts and the PyTorch baseline, side by side, in one run."""
     from llmopt import api
@@ -128,7 +131,7 @@ def bench(
         input_lengths=_numbers(input_lengths, int, "--input-lengths"), new_tokens=new_tokens,
         batch_sizes=_numbers(batch_sizes, int, "--batch-sizes"), sequence_length=sequence_length,
         repetitions=repetitions, warmup=warmup, seed=seed, threads=threads, prompt_lookup=prompt_lookup,
-        drafts=[str(path) for path in draft], draft_tokens=draft_tokens, verify=verify,
+        drafts=[str(path) for path in draft], draft_tokens=draft_tokens, verify=verify, profile=profile,
     )
     if not config.artifacts and not config.baselines:
         raise UsageError("nothing to benchmark: give artifact directories and/or --baseline pytorch")
@@ -142,6 +145,8 @@ def bench(
         output.write_text(report.render(result.rows, result.machine, chosen or "json"), encoding="utf-8")
     if chosen in (None, "table") or output is not None:
         report.print_table(result.rows, result.machine, result.notes)
+        if profile:
+            report.print_profiles(result.rows)
     else:
         sys.stdout.write(report.render(result.rows, result.machine, chosen))
         sys.stdout.flush()

@@ -190,6 +190,10 @@ class Runner(ABC):
     def generate(self, batch: list[list[int]], sampling: SamplingConfig, on_token: TokenCallback | None = None) -> BatchOutput:
         """Generate for exactly ``batch_size`` prompts of token ids."""
 
+    def profile(self, batch: list[list[int]], new_tokens: int) -> dict:
+        """One greedy generation under the runtime's own profiler: ``llmopt.profiling.summarize``'s dict."""
+        raise UsageError(f"the {self.target} runner has no profiler; --profile covers onnx and openvino artifacts")
+
     @abstractmethod
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Teacher-forced next-token logits, shape [len(token_ids), vocab], float32."""

@@ -12,6 +12,7 @@ are llmopt's business too: onnxruntime-genai is told of none, so rows stop where
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -55,6 +56,11 @@ class OnnxRunner(Runner):
                     f"artifact '{self.path}' runs on provider cuda, and this onnxruntime-genai build has no CUDA",
                     hint=GPU_HINT,
                 )
+        return self._model_with()
+
+    def _model_with(self, session_options: dict | None = None):
+        """og.Model of the artifact with llmopt's overlay (and extra decoder session options)."""
+        og = self.og
         config = og.Config(str(self.path))
         config.clear_providers()
         if self.provider in OG_PROVIDERS:
@@ -62,7 +68,10 @@ class OnnxRunner(Runner):
         # llmopt decides where rows stop (eos_token_ids may change after load); onnxruntime-genai, told of
         # no end token, never swaps a row's tokens for pads.
         # A single id, not a list: onnxruntime-genai 0.11 ignores a list overlay over a number in the file.
-        config.overlay(json.dumps({"model": {"pad_token_id": PAD_ID, "eos_token_id": PAD_ID}}))
+        overlay: dict = {"model": {"pad_token_id": PAD_ID, "eos_token_id": PAD_ID}}
+        if session_options:
+            overlay["model"]["decoder"] = {"session_options": session_options}
+        config.overlay(json.dumps(overlay))
         if self.provider == "cpu":
             return og.Model(config)
         try:
@@ -125,6 +134,35 @@ class OnnxRunner(Runner):
             ttft_s=first_token_at - started,
             decode_s=done_at - first_token_at,
         )
+
+    def profile(self, batch: list[list[int]], new_tokens: int) -> dict:
+        """onnxruntime's session profiling, switched on in onnxruntime-genai's decoder session options."""
+        from llmopt import profiling
+
+        self.check_batch(batch)
+        with tempfile.TemporaryDirectory(prefix="llmopt-profile-") as scratch:
+            model = self._model_with({"enable_profiling": str(Path(scratch) / "onnxruntime")})
+            options = dict(max_length=self.sequence_length, batch_size=self.batch_size, do_sample=False)
+            params = self.og.GeneratorParams(model)
+            params.set_search_options(**options)
+            generator = self.og.Generator(model, params)
+            width = max(len(ids) for ids in batch)
+            input_ids = np.full((self.batch_size, width), PAD_ID, dtype=np.int32)
+            for row, ids in enumerate(batch):
+                input_ids[row, :len(ids)] = ids
+            steps = min(new_tokens, self.sequence_length - width)
+            started = time.perf_counter()
+            generator.append_tokens(input_ids)
+            generator.generate_next_token()  # the prefill runs here
+            first = time.perf_counter()
+            for _ in range(steps - 1):
+                generator.generate_next_token()
+            done = time.perf_counter()
+            del generator, model  # onnxruntime writes the trace when the session ends
+            trace = next(Path(scratch).glob("onnxruntime*.json"))
+            records = profiling.from_onnxruntime_trace(trace)
+        return profiling.summarize(records, {"prefill": (first - started) * 1000, "decode": (done - first) * 1000},
+                                   steps - 1)
 
     def logits(self, token_ids: list[int]) -> np.ndarray:
         if len(token_ids) > self.sequence_length:

@@ -168,6 +168,45 @@ class OpenVINORunner(Runner):
         })
         return np.array(request.get_tensor("logits").data[0], dtype=np.float32)
 
+    def profile(self, batch: list[list[int]], new_tokens: int) -> dict:
+        """OpenVINO's performance counters on the artifact's IR, compiled with the pipeline's properties.
+
+        openvino-genai does not expose its infer requests, so the same IR runs here in a plain greedy
+        loop over its stateful KV cache; the pipeline itself runs attention through its paged-attention
+        scheduler, so the attention share here is that of the stateful graph (the matmuls are the same).
+        """
+        from llmopt import profiling
+
+        self.check_batch(batch)
+        properties = {key: value for key, value in self.ov_config.items() if key not in GENAI_ONLY_PROPERTIES}
+        compiled = self.ov.Core().compile_model(str(self.path / self.model_file), self.device,
+                                                {**properties, "PERF_COUNT": True})
+        request = compiled.create_infer_request()
+        width = max(len(ids) for ids in batch)
+        rows = len(batch)
+        input_ids = np.full((rows, width), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((rows, width), dtype=np.int64)
+        for row, ids in enumerate(batch):  # left-padded, as the pipeline feeds them
+            input_ids[row, width - len(ids):] = ids
+            mask[row, width - len(ids):] = 1
+        steps = min(new_tokens, self.sequence_length - width)
+        records, wall = [], {"prefill": 0.0, "decode": 0.0}
+        request.reset_state()
+        feeds = {"input_ids": input_ids, "attention_mask": mask,
+                 "position_ids": np.maximum(np.cumsum(mask, axis=1) - 1, 0), "beam_idx": np.arange(rows, dtype=np.int32)}
+        for step in range(steps):
+            phase = "prefill" if step == 0 else "decode"
+            started = time.perf_counter()
+            request.infer(feeds)
+            tokens = np.asarray(request.get_tensor("logits").data[:, -1]).argmax(-1)
+            wall[phase] += (time.perf_counter() - started) * 1000
+            records += profiling.from_openvino_counters(request.get_profiling_info(), phase)
+            mask = np.concatenate([mask, np.ones((rows, 1), dtype=np.int64)], axis=1)
+            feeds = {"input_ids": tokens[:, None].astype(np.int64), "attention_mask": mask,
+                     "position_ids": (mask.sum(axis=1, keepdims=True) - 1), "beam_idx": feeds["beam_idx"]}
+        return {**profiling.summarize(records, wall, steps - 1),
+                "note": "the artifact's IR in a plain stateful loop; openvino-genai runs it through its scheduler"}
+
     def _logits_infer_request(self):
         if self._logits_request is None:
             properties = {key: value for key, value in self.ov_config.items() if key not in GENAI_ONLY_PROPERTIES}

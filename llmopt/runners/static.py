@@ -11,6 +11,7 @@ only opens the two graphs and runs them on a dict of numpy inputs.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 
@@ -205,7 +206,6 @@ class OnnxStaticRunner(StaticGraphRunner):
     default_graphs = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
 
     def _open(self, prefill: Path, decode: Path) -> None:
-        ort = require("onnxruntime", extra="onnx")
         providers = [tuple(item) if isinstance(item, list) else item
                      for item in self.runtime.get("providers") or ["CPUExecutionProvider"]]
         wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
@@ -213,13 +213,37 @@ class OnnxStaticRunner(StaticGraphRunner):
             check_compiled_for_this_gpu(self.path, self.runtime, extra="gpu", tied_to=("tensorrt",))
         elif wanted != "CPUExecutionProvider":
             require_gpu(self.path, wanted, GPU_HINT)
+        self._graphs, self._providers, self._wanted = {"prefill": prefill, "decode": decode}, providers, wanted
+        self.prefill_session, self.decode_session = self._session("prefill"), self._session("decode")
+
+    def _session(self, name: str, profile_prefix: str | None = None):
+        ort = require("onnxruntime", extra="onnx")
         options = ort.SessionOptions()
         if self.threads:
             options.intra_op_num_threads = self.threads
-        self.prefill_session = ort.InferenceSession(str(prefill), options, providers=providers)
-        self.decode_session = ort.InferenceSession(str(decode), options, providers=providers)
-        for name, session in (("prefill", self.prefill_session), ("decode", self.decode_session)):
-            check_session_provider(session, wanted, f"artifact '{self.path}' ({name} graph)", GPU_HINT)
+        if profile_prefix:
+            options.enable_profiling = True
+            options.profile_file_prefix = profile_prefix
+        session = ort.InferenceSession(str(self._graphs[name]), options, providers=self._providers)
+        check_session_provider(session, self._wanted, f"artifact '{self.path}' ({name} graph)", GPU_HINT)
+        return session
+
+    def profile(self, batch: list[list[int]], new_tokens: int) -> dict:
+        """onnxruntime's session profiling on fresh prefill and decode sessions of the same graphs."""
+        from llmopt import profiling
+
+        saved = self.prefill_session, self.decode_session
+        with tempfile.TemporaryDirectory(prefix="llmopt-profile-") as scratch:
+            self.prefill_session = self._session("prefill", str(Path(scratch) / "prefill"))
+            self.decode_session = self._session("decode", str(Path(scratch) / "decode"))
+            try:
+                output = self.generate(batch, SamplingConfig(max_new_tokens=new_tokens))
+                records = (profiling.from_onnxruntime_trace(self.prefill_session.end_profiling(), "prefill")
+                           + profiling.from_onnxruntime_trace(self.decode_session.end_profiling(), "decode"))
+            finally:
+                self.prefill_session, self.decode_session = saved
+        return profiling.summarize(records, {"prefill": output.ttft_s * 1000, "decode": output.decode_s * 1000},
+                                   max(len(sequence.token_ids) for sequence in output.sequences) - 1)
 
     def cache_shape_and_type(self):
         present = next(item for item in self.prefill_session.get_outputs() if item.name == "present_keys")
@@ -248,6 +272,7 @@ class OpenVINOStaticRunner(StaticGraphRunner):
         config = dict(self.runtime.get("ov_config") or {})
         if self.threads:
             config["INFERENCE_NUM_THREADS"] = self.threads
+        self._graph_paths = {"prefill": prefill, "decode": decode}
         self.prefill_model = core.compile_model(str(prefill), device, config)
         self.decode_model = core.compile_model(str(decode), device, config)
         self.prefill_request = self.prefill_model.create_infer_request()
@@ -257,9 +282,37 @@ class OpenVINOStaticRunner(StaticGraphRunner):
         present = self.prefill_model.output("present_keys")
         return tuple(present.get_shape()), "float16" if present.get_element_type().get_type_name() == "f16" else "float32"
 
+    _counters: list | None = None  # (phase, performance counters) per inference while profiling
+
+    def profile(self, batch: list[list[int]], new_tokens: int) -> dict:
+        """OpenVINO's performance counters (PERF_COUNT) on the same graphs, compiled again with them on."""
+        from llmopt import profiling
+
+        saved = self.prefill_request, self.decode_request
+        core = require("openvino", extra="openvino").Core()
+        config = {**dict(self.runtime.get("ov_config") or {}), "PERF_COUNT": True}
+        if self.threads:
+            config["INFERENCE_NUM_THREADS"] = self.threads
+        device = self.runtime.get("device", "CPU")
+        self.prefill_request = core.compile_model(str(self._graph_paths["prefill"]), device, config).create_infer_request()
+        self.decode_request = core.compile_model(str(self._graph_paths["decode"]), device, config).create_infer_request()
+        self._counters = []
+        try:
+            output = self.generate(batch, SamplingConfig(max_new_tokens=new_tokens))
+            records = [record for phase, infos in self._counters
+                       for record in profiling.from_openvino_counters(infos, phase)]
+        finally:
+            self.prefill_request, self.decode_request = saved
+            self._counters = None
+        return profiling.summarize(records, {"prefill": output.ttft_s * 1000, "decode": output.decode_s * 1000},
+                                   max(len(sequence.token_ids) for sequence in output.sequences) - 1)
+
     def _run(self, request, feeds, names):
         # share_inputs: the host cache is read in place; outputs are copied out of the request's buffers.
         results = request.infer(feeds, share_inputs=True)
+        if self._counters is not None:
+            self._counters.append(("prefill" if request is self.prefill_request else "decode",
+                                   request.get_profiling_info()))
         by_name = {output.get_any_name(): value for output, value in results.items()}
         return tuple(by_name[name] for name in names)
 
