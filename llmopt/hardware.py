@@ -271,3 +271,21 @@ def cpu_description() -> tuple[str | None, set[str]]:
         elif key in ("flags", "features"):
             flags.update(value.split())
     return model, flags
+
+
+def usable_cpus() -> int:
+    """Logical CPUs this process may run on (affinity / cgroup cpusets respected)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """All physical cores this process may use: the thread count the runners and the bench use by default."""
+    import psutil
+
+    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    logical = psutil.cpu_count(logical=True) or physical
+    # With SMT, usable logical CPUs map to about usable * physical / logical cores.
+    return max(1, min(physical, round(usable_cpus() * physical / logical)))

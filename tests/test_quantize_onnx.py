@@ -49,7 +49,9 @@ def node_attributes(path: Path, op_type: str) -> list[dict]:
     ({"quantization.weight_format": "fp8"}, r"quantization.weight_format 'fp8' .* accepted: int8, int4"),
     ({"quantization.weight_format": "int4", "onnx.provider": "cuda", "precision.dtype": "fp16"},
      r"onnx.provider 'cuda' .* accepted: cpu"),
-    ({"quantization.weight_format": "int4", "quantization.algorithm": "hqq"}, r"algorithm 'hqq' .*float zero points"),
+    ({"quantization.weight_format": "int8", "quantization.algorithm": "hqq"}, r"algorithm hqq .*needs quantization.weight_format int4"),
+    ({"quantization.weight_format": "int4", "quantization.algorithm": "hqq", "quantization.symmetric": True},
+     r"algorithm hqq .*asymmetric"),
     ({"quantization.weight_format": "int4", "quantization.algorithm": "awq"}, r"algorithm 'awq' .*accepted: auto, rtn, gptq"),
     ({"quantization.weight_format": "int4", "quantization.awq": True}, r"quantization.awq is an NNCF option"),
     ({"quantization.weight_format": "int4", "quantization.scale_estimation": True}, r"quantization.scale_estimation"),
@@ -95,7 +97,8 @@ def test_a_dumped_recipe_builds_the_same_mix(tmp_path):
     mix: an unset ratio stays unset (null), it does not become 1.0 (all int4)."""
     import yaml
 
-    shipped = recipe.resolve(ROOT / "configs" / "smollm2-onnx-int4.yaml")
+    shipped = recipe.resolve(ROOT / "configs" / "smollm2-onnx-int4.yaml", {"quantization.algorithm": "gptq",
+                                                                          "quantization.group_size": 16})
     dumped = tmp_path / "dumped.yaml"
     dumped.write_text(yaml.safe_dump(shipped.to_dict()))
     again = recipe.resolve(dumped)
@@ -299,3 +302,67 @@ def test_smollm2_shipped_recipe_is_accurate(config, smollm2, tmp_path):
     # fp32 answers all four without a loop; a near-tie first token can send one answer astray.
     assert len(coherent) >= len(CHAT_PROMPTS) - 1, answers
     assert "machine code" in answers[CHAT_PROMPTS[2]][1], answers
+
+
+# -- float zero points on the integer kernels (algorithm: hqq) --------------------------------
+
+
+@pytest.fixture(scope="module")
+def q4_1_llama(untied_llama, tmp_path_factory) -> Path:
+    """untied_llama with every decoder weight moved onto a GGUF Q4_1 grid: w = d * q + m per block of 32."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    directory = tmp_path_factory.mktemp("q4-1-llama")
+    for file in untied_llama.iterdir():
+        shutil.copy2(file, directory / file.name)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    rng = np.random.default_rng(5)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "layers" in name and parameter.ndim == 2:
+                out, features = parameter.shape
+                blocks = parameter.numpy().reshape(out, features // 32, 32)
+                d = (blocks.max(-1, keepdims=True) - blocks.min(-1, keepdims=True)).astype(np.float16).astype(np.float32) / 15
+                m = blocks.min(-1, keepdims=True) + rng.uniform(-0.1, 0.1, size=d.shape).astype(np.float32) * d
+                q = np.clip(np.rint((blocks - m) / d), 0, 15)
+                parameter.copy_(torch.from_numpy((q * d + m).reshape(out, features)))
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_float_zero_points_run_exactly_on_the_integer_kernels(q4_1_llama, tmp_path):
+    """A checkpoint de-quantized from Q4_1 (-m/d not an integer) comes back exactly: MatMulNBits with zero
+    point 0 plus the activations' block sums times the offsets; every decoder MatMul int4."""
+    output = tmp_path / "hqq"
+    report = api.export(onnx_recipe(q4_1_llama, **{"quantization.weight_format": "int4",
+                                                  "quantization.algorithm": "hqq", **NO_THRESHOLDS}), output)
+    validation = report.manifest.validation
+    # What remains is onnxruntime's int8 activations (accuracy_level 4) and the 8-bit lm_head: measured
+    # 0.969 / KL 0.003 here, against 0.594 / 0.116 for integer zero points on the same weights.
+    assert validation["top1_agreement"] >= 0.9 and validation["mean_kl"] < 0.01, validation
+    nbits = node_attributes(output, "MatMulNBits")
+    decoder = [attributes for attributes in nbits if attributes["bits"] == 4]
+    assert decoder and all(attributes["block_size"] == 32 for attributes in decoder)
+    assert [attributes["bits"] for attributes in nbits].count(8) == 1  # the lm_head (shared with the embedding)
+    ops = graph_ops(output)
+    assert ops["MatMul"] == len(decoder) and ops["Add"] >= len(decoder) and ops["ReduceSum"] >= 1
+    rtn = api.export(onnx_recipe(q4_1_llama, **{"quantization.weight_format": "int4", "quantization.algorithm": "rtn",
+                                               "quantization.ratio": 1.0, **NO_THRESHOLDS}), tmp_path / "rtn")
+    assert rtn.manifest.validation["mean_kl"] > 10 * validation["mean_kl"]  # integer zero points cannot be exact
+
+
+def test_float_zero_point_blocks_reproduce_q4_1_weights_exactly():
+    rng = np.random.default_rng(3)
+    d = rng.uniform(0.001, 0.02, size=(8, 4, 1)).astype(np.float16).astype(np.float64)
+    m = rng.uniform(-0.1, 0.0, size=(8, 4, 1))
+    q = rng.integers(0, 16, size=(8, 4, 32))
+    q[:, :, 0], q[:, :, 1] = 0, 15  # each block spans its range, as Q4_1 blocks do
+    weight = (q * d + m).reshape(8, 128)
+    blocks = quantize_onnx.float_zero_point_blocks(weight, 32)
+    assert blocks.zero is not None and blocks.offset is not None
+    restored = ((blocks.q.reshape(8, 4, 32) - blocks.zero[..., None].astype(np.float64)) * blocks.scale[..., None]
+                + blocks.offset[..., None]).reshape(8, 128)
+    np.testing.assert_allclose(restored, weight, rtol=1e-5, atol=1e-6)

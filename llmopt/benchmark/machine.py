@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import platform
 import re
 import sys
@@ -13,7 +12,7 @@ import psutil
 
 from llmopt import __version__
 from llmopt._deps import version_of
-from llmopt.hardware import cpu_description
+from llmopt.hardware import cpu_description, default_threads, usable_cpus  # noqa: F401 (re-exported)
 
 LIBRARIES = ("numpy", "torch", "transformers", "optimum", "optimum-intel", "optimum-onnx", "onnxruntime",
              "onnxruntime-genai", "openvino", "openvino-genai", "nncf", "llama_cpp_python")
@@ -27,23 +26,6 @@ def cpu_model() -> str:
 def cpu_flags() -> list[str]:
     present = cpu_description()[1]
     return [flag for flag in CPU_FLAGS if flag in present]
-
-
-def usable_cpus() -> int:
-    """Logical CPUs this process may run on (affinity / cgroup cpusets respected)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def default_threads() -> int:
-    """All physical cores this process may use: what ONNX Runtime and OpenVINO pick by default."""
-    physical = psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    logical = psutil.cpu_count(logical=True) or physical
-    usable = usable_cpus()
-    # With SMT, usable logical CPUs map to about usable * physical / logical cores.
-    return max(1, min(physical, round(usable * physical / logical)))
 
 
 def machine_info() -> dict:

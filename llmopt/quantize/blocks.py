@@ -25,6 +25,9 @@ class Blocks:
     q: np.ndarray  # uint8 [N, K], 0 .. 2**bits - 1
     scale: np.ndarray  # float32 [N, K // block]
     zero: np.ndarray | None  # uint8 [N, K // block]; None: the op's default 2**(bits - 1)
+    # float32 [N, K // block]: a float zero point as an additive offset, w = (q - zero) * scale + offset
+    # (zero 0): run as MatMulNBits plus the block sums of the activations times the offsets.
+    offset: np.ndarray | None = None
 
     @property
     def block_size(self) -> int:

@@ -73,6 +73,7 @@ def rewrite(model, targets: list[Target], blocks: dict[str, Blocks], table_block
     replaced = {t.node.name: t for t in targets}
     new_initializers = []
     lm_head_inputs: dict[str, list[str]] = {}
+    block_sums: dict[tuple[str, int], str] = {}  # (activation, block size) -> its block sums, computed once
     nodes = []
     for node in graph.node:
         target = replaced.get(node.name) if node.op_type == "MatMul" else None
@@ -89,11 +90,14 @@ def rewrite(model, targets: list[Target], blocks: dict[str, Blocks], table_block
         if quantized.zero is not None:
             names.append(f"{target.weight}_zero_point")
             new_initializers.append(numpy_helper.from_array(pack(quantized.zero, quantized.bits), names[2]))
+        output = node.output[0] if quantized.offset is None else f"{node.output[0]}/integer"
         nodes.append(helper.make_node(
-            "MatMulNBits", [node.input[0], *names], list(node.output), name=f"{node.name}_Q{quantized.bits}",
+            "MatMulNBits", [node.input[0], *names], [output], name=f"{node.name}_Q{quantized.bits}",
             domain="com.microsoft", K=k_in, N=n_out, bits=quantized.bits, block_size=block_size,
             accuracy_level=ACCURACY_LEVEL,
         ))
+        if quantized.offset is not None:
+            nodes += offset_correction(node, output, quantized, block_sums, new_initializers)
         if target.role == "lm_head":
             lm_head_inputs[target.weight] = names
     nodes = share_embedding(model, nodes, lm_head_inputs, blocks, targets, new_initializers, table_block_size)
@@ -105,6 +109,39 @@ def rewrite(model, targets: list[Target], blocks: dict[str, Blocks], table_block
     graph.node.extend(nodes)
     if not any(opset.domain == "com.microsoft" for opset in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+
+
+def offset_correction(node, integer_output: str, quantized: Blocks, block_sums: dict, new_initializers: list) -> list:
+    """``y = MatMulNBits(x) + blocksum(x) @ offset^T``: the float zero points' share, exactly, in fp32.
+
+    With ``w = q * scale + offset`` per block (zero point 0), ``x . w`` splits into the integer-kernel
+    product and the sum of each block of ``x`` times that block's offset: a MatMul K / block times
+    smaller than the weight's. The block sums of one activation are shared by every MatMul reading it.
+    """
+    onnx = require("onnx", extra="onnx")
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
+    n_out, k_in = quantized.q.shape
+    block_size = quantized.block_size
+    added = []
+    key = (node.input[0], block_size)
+    if key not in block_sums:
+        shape_name = f"block_shape_{k_in // block_size}x{block_size}"
+        if not any(init.name == shape_name for init in new_initializers):
+            new_initializers.append(numpy_helper.from_array(np.array([0, 0, k_in // block_size, block_size],
+                                                                     dtype=np.int64), shape_name))
+        if not any(init.name == "block_sum_axes" for init in new_initializers):
+            new_initializers.append(numpy_helper.from_array(np.array([-1], dtype=np.int64), "block_sum_axes"))
+        blocks_name, sums_name = f"{node.input[0]}/blocks{block_size}", f"{node.input[0]}/block_sums{block_size}"
+        added.append(helper.make_node("Reshape", [node.input[0], shape_name], [blocks_name], name=f"{blocks_name}/Reshape"))
+        added.append(helper.make_node("ReduceSum", [blocks_name, "block_sum_axes"], [sums_name], keepdims=0,
+                                      name=f"{sums_name}/ReduceSum"))
+        block_sums[key] = sums_name
+    offsets = f"{node.input[1]}_offset"
+    new_initializers.append(numpy_helper.from_array(np.ascontiguousarray(quantized.offset.T.astype(np.float32)), offsets))
+    correction = f"{node.output[0]}/offset"
+    added.append(helper.make_node("MatMul", [block_sums[key], offsets], [correction], name=f"{node.name}_offset"))
+    added.append(helper.make_node("Add", [integer_output, correction], list(node.output), name=f"{node.name}_Add"))
+    return added
 
 
 def share_embedding(model, nodes, lm_head_inputs, blocks, targets, new_initializers, table_block_size):

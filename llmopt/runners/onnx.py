@@ -21,6 +21,7 @@ import numpy as np
 from llmopt._deps import require
 from llmopt.errors import ArtifactError, MissingDependencyError, PromptTooLongError
 from llmopt.gpu import require_gpu
+from llmopt.hardware import default_threads
 from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, SequenceOutput, TokenCallback
 
 PAD_ID = -1
@@ -34,9 +35,12 @@ class OnnxRunner(Runner):
     extra = "onnx"
     backend_distributions = ("onnxruntime-genai",)
 
-    def __init__(self, path: Path, batch_size: int, sequence_length: int, manifest=None):
+    def __init__(self, path: Path, batch_size: int, sequence_length: int, manifest=None, threads: int | None = None):
         super().__init__(path, batch_size, sequence_length, manifest)
         self.og = require("onnxruntime_genai", extra="onnx", package="onnxruntime-genai")
+        # onnxruntime-genai left to itself decodes SmolLM2 int4 at the speed of one thread on 2 cores
+        # (72 tok/s); its session told the physical core count decodes at 88 tok/s (measured here).
+        self.threads = threads or default_threads()
         runtime = manifest.runtime if manifest else {}
         self.provider = runtime.get("provider", "cpu")
         self.model = self._open_model()
@@ -69,8 +73,7 @@ class OnnxRunner(Runner):
         # no end token, never swaps a row's tokens for pads.
         # A single id, not a list: onnxruntime-genai 0.11 ignores a list overlay over a number in the file.
         overlay: dict = {"model": {"pad_token_id": PAD_ID, "eos_token_id": PAD_ID}}
-        if session_options:
-            overlay["model"]["decoder"] = {"session_options": session_options}
+        overlay["model"]["decoder"] = {"session_options": {"intra_op_num_threads": self.threads, **(session_options or {})}}
         config.overlay(json.dumps(overlay))
         if self.provider == "cpu":
             return og.Model(config)
