@@ -174,3 +174,28 @@ def build_artifact(tmp_path_factory):
         return built[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def q4_1_llama(untied_llama, tmp_path_factory) -> Path:
+    """untied_llama with every decoder weight moved onto a GGUF Q4_1 grid: w = d * q + m per block of 32."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    directory = tmp_path_factory.mktemp("q4-1-llama")
+    for file in untied_llama.iterdir():
+        shutil.copy2(file, directory / file.name)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    rng = np.random.default_rng(5)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "layers" in name and parameter.ndim == 2:
+                out, features = parameter.shape
+                blocks = parameter.numpy().reshape(out, features // 32, 32)
+                d = (blocks.max(-1, keepdims=True) - blocks.min(-1, keepdims=True)).astype(np.float16).astype(np.float32) / 15
+                m = blocks.min(-1, keepdims=True) + rng.uniform(-0.1, 0.1, size=d.shape).astype(np.float32) * d
+                q = np.clip(np.rint((blocks - m) / d), 0, 15)
+                parameter.copy_(torch.from_numpy((q * d + m).reshape(out, features)))
+    model.save_pretrained(directory)
+    return directory

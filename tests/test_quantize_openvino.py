@@ -200,3 +200,23 @@ def test_smollm2_int8_is_accurate(smol_fp, tmp_path):
     manifest = api.quantize(tmp_path / "int8", source=smol_fp, overrides={"quantization.weight_format": "int8"}).manifest
     assert manifest.validation["top1_agreement"] >= 0.90
     assert manifest.validation["mean_kl"] <= 0.02
+
+
+def test_hqq_runs_on_integer_zero_points_and_stays_exact(q4_1_llama, tmp_path):
+    """Float zero points as the nearest u4 zero point plus the remainder: exact weights (a Q4_1-grid
+    checkpoint matches PyTorch with the CPU plugin's int8 activations off), the fast u4 pattern in the IR."""
+    import openvino as ov
+
+    output = tmp_path / "hqq"
+    fields = {"quantization.weight_format": "int4", "quantization.algorithm": "hqq", "quantization.group_size": 32,
+              "validation.min_top1_agreement": 0.0, "validation.max_mean_kl": 1000.0,
+              "openvino.ov_config": {"DYNAMIC_QUANTIZATION_GROUP_SIZE": 0}}
+    report = api.export(recipe.resolve(None, {"model.id": str(q4_1_llama), "target": "openvino", **fields}), output)
+    validation = report.manifest.validation
+    assert validation["top1_agreement"] >= 0.97 and validation["mean_kl"] < 1e-4, validation  # the 8-bit lm_head: near-ties
+    model = ov.Core().read_model(output / "openvino_model.xml")
+    u4 = [op for op in model.get_ops() if op.get_type_name() == "Constant" and op.get_element_type() == ov.Type.u4]
+    zero_points = [op for op in u4 if len(op.shape) == 3 and op.shape[-1] == 1]
+    assert zero_points and len(zero_points) * 2 == len(u4)  # one u4 zero-point constant per u4 weight
+    remainders = [op for op in model.get_ops() if op.get_friendly_name().endswith("/remainder")]
+    assert len(remainders) == len(zero_points)

@@ -51,13 +51,19 @@ def _feeds_result(op) -> bool:
     return False
 
 
-def compress_hqq(model, group_size: int, all_layers: bool) -> None:
-    """Replace each linear weight by an int4 (HQQ) or int8 (backup) constant and its decompression."""
+def compress_hqq(model, group_size: int, all_layers: bool, integer_zero_points: bool = False) -> None:
+    """Replace each linear weight by an int4 (HQQ) or int8 (backup) constant and its decompression.
+
+    ``integer_zero_points``: each int4 group's float zero point becomes the nearest u4 zero point (the
+    pattern the CPU plugin runs with int8 activations, its fast path) plus the remainder, added after
+    the MatMul as the activations' group sums times the remainders: exact, like the float form.
+    """
     ov = require("openvino", extra="openvino")
     ops = require("openvino.opset13", extra="openvino")
     for weight, constant, backup in linear_weights(model):
         data = constant.get_data().astype(np.float32)
         out_features, in_features = data.shape
+        remainder = None
         if backup and not all_layers:
             quantized = hqq.quantize_sym(data, group_size, bits=8)
             packed = ops.constant(quantized.q, ov.Type.i8)
@@ -65,7 +71,11 @@ def compress_hqq(model, group_size: int, all_layers: bool) -> None:
             quantized = hqq.quantize_asym(data, group_size, bits=4)
             packed = ops.constant(quantized.q, ov.Type.u4)
         values = ops.convert(packed, ov.Type.f16)
-        if quantized.zero is not None:
+        if quantized.zero is not None and integer_zero_points:
+            integer = np.clip(np.rint(quantized.zero), 0, 15)
+            remainder = ((integer - quantized.zero) * quantized.scale)[..., 0]  # [out, groups]
+            values = ops.subtract(values, ops.convert(ops.constant(integer.astype(np.uint8), ov.Type.u4), ov.Type.f16))
+        elif quantized.zero is not None:
             values = ops.subtract(values, ops.constant(quantized.zero.astype(np.float16)))
         values = ops.multiply(values, ops.constant(quantized.scale.astype(np.float16)))
         values = ops.reshape(values, ops.constant(np.array([out_features, in_features], dtype=np.int64)), False)
@@ -73,5 +83,31 @@ def compress_hqq(model, group_size: int, all_layers: bool) -> None:
         name = constant.get_friendly_name()
         packed.set_friendly_name(name)
         decompressed.set_friendly_name(f"{name}/decompressed")
-        for target in list(constant.output(0).get_target_inputs()):
+        readers = list(constant.output(0).get_target_inputs())
+        for target in readers:
             target.replace_source_output(decompressed.output(0))
+        if remainder is not None:
+            for target in readers:
+                node = target.get_node()
+                matmuls = ([reader.get_node() for reader in node.output(0).get_target_inputs()]
+                           if node.get_type_name() == "Convert" else [node])
+                for matmul in matmuls:
+                    add_remainder(ops, matmul, remainder, group_size)
+
+
+def add_remainder(ops, matmul, remainder: np.ndarray, group_size: int) -> None:
+    """``y = MatMul(x) + groupsum(x) @ remainder^T`` after ``matmul`` (x @ W^T), for every reader of y."""
+    if matmul.get_type_name() != "MatMul":
+        return
+    groups = remainder.shape[1]
+    activation = matmul.input_value(0)
+    rank = len(activation.get_partial_shape())
+    shape = np.array([0] * (rank - 1) + [groups, group_size], dtype=np.int64)  # 0: keep that dimension
+    grouped = ops.reshape(activation, ops.constant(shape), True)
+    sums = ops.reduce_sum(grouped, ops.constant(np.array([-1], dtype=np.int64)), False)
+    correction = ops.matmul(sums, ops.constant(np.ascontiguousarray(remainder.T.astype(np.float32))), False, False)
+    readers = list(matmul.output(0).get_target_inputs())
+    total = ops.add(matmul.output(0), correction)
+    total.set_friendly_name(f"{matmul.get_friendly_name()}/remainder")
+    for target in readers:
+        target.replace_source_output(total.output(0))
