@@ -5,14 +5,15 @@
    at batch 1, and the int4 builds at batch 4;
 2. memory bandwidth on all cores (bench/membw.py), for the decode bound;
 3. one ``llmopt bench`` run of every artifact, the PyTorch baselines (eager, static, compile) and,
-   when llama-cpp-python is installed, llama.cpp on the same GGUF (bench/llamacpp_peer.py), over
-   input lengths of 25/50/75 % of the sequence length, with prompt-lookup rows and assisted
+   when llama-cpp-python is installed, llama.cpp on the same GGUF (bench/llamacpp_peer.py), on the
+   goals' case (a 128-token prompt, 128 new tokens; --sweep: 25/50/75 % of the sequence length),
+   every subject profiled (--profile), with prompt-lookup rows and assisted
    generation (the OpenVINO fp32 build drafted by its int4 build) on a summarization prompt:
    bench.jsonl, bench.csv, bench.md, bench.png, and the table on stdout;
 4. llmopt's overhead over the bare native loops (bench/native_overhead.py);
 5. the performance goals (README), checked against rows of this one run: goals.json.
 
-    python bench/run_all.py [--quick] [-r 5]    # --quick: one ratio, 16 new tokens, 2 repetitions (a smoke run)
+    python bench/run_all.py [--quick] [--sweep] [-r 5]    # --quick: 16 new tokens, 2 repetitions (a smoke run)
 """
 
 from __future__ import annotations
@@ -91,13 +92,16 @@ def goals(rows: list[dict], bounds: list[dict], overhead: list[dict]) -> list[di
         return a[key] / b[key] if a and b and a.get(key) and b.get(key) else None
 
     name = best["subject"] if best else None
-    int4 = [row for row in rows if _row([row], weights="int4")]  # batch-1 int4 rows of the goals' case
-    quickest = min(int4, key=lambda row: row["ttft_ms"]) if int4 else None  # the int4 artifact with the best TTFT
-    quick_name = quickest["subject"] if quickest else None
-    check("int4 decode tokens/s vs llama.cpp (batch 1)", ratio(best, llama, "decode_tok_s"), 1.5, True, name)
-    check("int4 decode tokens/s vs PyTorch eager (batch 1)", ratio(best, eager, "decode_tok_s"), 8.0, True, name)
-    check("int4 TTFT vs PyTorch eager", ratio(quickest, eager, "ttft_ms"), 0.4, False, quick_name)
-    check("int4 TTFT vs llama.cpp", ratio(quickest, llama, "ttft_ms"), 0.4, False, quick_name)
+    check("int4 decode tokens/s vs llama.cpp (batch 1, best target)", ratio(best, llama, "decode_tok_s"), 1.5, True, name)
+    check("int4 decode tokens/s vs PyTorch eager (batch 1, best target)", ratio(best, eager, "decode_tok_s"), 8.0, True, name)
+    for target in ("onnx", "openvino"):  # each CPU target's int4 artifact at batch 1
+        row = _row([r for r in rows if r.get("target") == target], weights="int4")
+        fp32 = _row([r for r in rows if r.get("target") == target and r.get("kind") == "artifact"], weights="none")
+        subject = row["subject"] if row else None
+        check(f"{target} int4 decode vs llama.cpp (batch 1)", ratio(row, llama, "decode_tok_s"), 1.0, True, subject)
+        check(f"{target} int4 TTFT vs PyTorch eager", ratio(row, eager, "ttft_ms"), 0.25, False, subject)
+        check(f"{target} int4 TTFT vs llama.cpp", ratio(row, llama, "ttft_ms"), 0.25, False, subject)
+        check(f"{target} int4 decode vs its fp32 build", ratio(row, fp32, "decode_tok_s"), 2.5, True, subject)
     check("int4 batch-4 decode tokens/s vs llama.cpp batch 1", ratio(batch4, llama, "decode_tok_s"), 2.0, True,
           batch4["subject"] if batch4 else None)
     bound = next((item for item in bounds if best and Path(item["path"]).resolve() == Path(best["subject"]).resolve()), None)
@@ -111,7 +115,9 @@ def goals(rows: list[dict], bounds: list[dict], overhead: list[dict]) -> list[di
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a smoke run: one ratio, 16 new tokens, 2 repetitions")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 16 new tokens, 2 repetitions")
+    parser.add_argument("--sweep", action="store_true", help="input lengths at 25/50/75 %% of the sequence length "
+                                                              "(default: the goals' case, 128 in, 128 new)")
     parser.add_argument("--baseline", default="pytorch:all", help="as llmopt bench --baseline")
     parser.add_argument("-r", "--repetitions", type=int, default=5)
     args = parser.parse_args(argv)
@@ -138,15 +144,18 @@ def main(argv: list[str] | None = None) -> int:
     config = BenchConfig(
         artifacts=[str(ROOT / path) for path in artifacts], baselines=parse_baselines([args.baseline]),
         baseline_model=str(CHECKPOINT),
-        input_ratios=[0.25] if args.quick else [0.25, 0.5, 0.75], new_tokens=16 if args.quick else 128,
+        input_ratios=[0.25, 0.5, 0.75] if args.sweep else None,
+        input_lengths=None if args.sweep else [GOAL_INPUT], new_tokens=16 if args.quick else 128,
         repetitions=2 if args.quick else args.repetitions, warmup=1, prompt_lookup=3,
         drafts=[str(ROOT / path) for path in DRAFTS], draft_tokens=3, extra_subjects=[peer] if peer else [],
+        profile=True,
     )
     log(f"llmopt bench: {', '.join(artifacts)}{' and llama.cpp' if peer else ''} against "
         f"{', '.join(config.baselines) or 'no baseline'}")
     result = suite.run(config)
     report.write_all(result.rows, result.machine, RESULTS)
     report.print_table(result.rows, result.machine, result.notes)
+    report.print_profiles(result.rows)
 
     bounds = []
     for path in artifacts + [str(GGUF)]:
