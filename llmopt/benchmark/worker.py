@@ -104,6 +104,8 @@ def profile_case(runner, case: dict) -> dict:
     """One more greedy generation of the case under the runtime's profiler (not timed with the others)."""
     emit("profiling", case=case["id"])
     set_speculation(runner, None)
+    if not callable(getattr(runner, "profile", None)):  # a peer runtime's runner
+        return {"case": case["id"], "error": f"{type(runner).__name__} has no profiler"}
     try:
         return {"case": case["id"], **runner.profile(case["prompt_ids"], case["new_tokens"])}
     except Exception as exc:  # a runner without a profiler, or a profiler failure: the rows stand
