@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     import native_overhead
 
     from llmopt.benchmark import BenchConfig, parse_baselines, report, suite
-    from llmopt.benchmark.machine import default_threads
+    from llmopt.hardware import default_threads
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     for output, (config, flags) in ARTIFACTS.items():

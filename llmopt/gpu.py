@@ -17,6 +17,7 @@ from llmopt._deps import install_hint, version_of
 from llmopt.errors import ArtifactError, MissingDependencyError
 from llmopt.hardware import DetectedGpu, detect_gpus, sm_architecture
 
+TENSORRT_EP = "TensorrtExecutionProvider"  # onnxruntime's TensorRT execution provider
 # TensorRT's Python distribution is published under several names (same version numbers).
 TENSORRT_DISTRIBUTIONS = ("tensorrt", "tensorrt-cu12", "tensorrt-cu12-libs", "tensorrt-cu13", "tensorrt-cu13-libs",
                           "tensorrt-libs")

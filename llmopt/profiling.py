@@ -99,3 +99,9 @@ def summarize(records: list[OpRecord], wall_ms: dict[str, float], decode_steps: 
         }
     summary["decode_steps"] = decode_steps
     return summary
+
+
+def summarize_generation(records: list[OpRecord], output) -> dict:
+    """``summarize`` for a profiled ``Runner.generate`` call: its own TTFT and decode time as the wall times."""
+    steps = max(len(sequence.token_ids) for sequence in output.sequences) - 1
+    return summarize(records, {"prefill": output.ttft_s * 1000, "decode": output.decode_s * 1000}, steps)

@@ -12,7 +12,7 @@ import psutil
 
 from llmopt import __version__
 from llmopt._deps import version_of
-from llmopt.hardware import cpu_description, default_threads, usable_cpus  # noqa: F401 (re-exported)
+from llmopt.hardware import cpu_description, usable_cpus
 
 LIBRARIES = ("numpy", "torch", "transformers", "optimum", "optimum-intel", "optimum-onnx", "onnxruntime",
              "onnxruntime-genai", "openvino", "openvino-genai", "nncf", "llama_cpp_python")

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Callable
 
 from llmopt import artifact, events
-from llmopt.benchmark.machine import default_threads, machine_info
+from llmopt.benchmark.machine import machine_info
+from llmopt.hardware import default_threads
 from llmopt.benchmark.plan import BenchConfig, Case, Subject, build_prompts, parse_baselines, plan_subjects
 from llmopt.benchmark.stats import HIGH_VARIANCE, speedups, summarize
 from llmopt.benchmark.worker import COMPILE_WARMUP, PROGRESS_PREFIX

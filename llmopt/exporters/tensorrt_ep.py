@@ -23,10 +23,10 @@ from typing import Any
 from llmopt import events
 from llmopt._deps import require, version_of
 from llmopt.errors import MissingDependencyError, RecipeError
-from llmopt.gpu import check_session_provider, gpu_record, installed_tensorrt_version, require_gpu
+from llmopt.gpu import TENSORRT_EP, check_session_provider, gpu_record, installed_tensorrt_version, require_gpu
 from llmopt.recipe import Recipe
 
-PROVIDER = "TensorrtExecutionProvider"
+PROVIDER = TENSORRT_EP
 CONTEXT_SUFFIX = "_ctx.onnx"
 GPU_HINT = "pip install 'llmopt[gpu]' (onnxruntime-gpu) and TensorRT on a machine with an NVIDIA GPU"
 
@@ -113,7 +113,8 @@ def plan(recipe: Recipe, io: dict[str, Any]) -> dict[str, Any]:
 
 
 def compile_graphs(recipe: Recipe, workdir: Path, io: dict[str, Any], graph_files: dict[str, list[str]]) -> dict[str, Any]:
-    """Build every graph in ``workdir`` into an EPContext model; the plain graphs are then removed."""
+    """Build every graph in ``workdir`` into an EPContext model, then remove the plain graphs; returns the
+    manifest's record of the GPU and TensorRT version the engines are tied to."""
     ort = require("onnxruntime", extra="gpu", package="onnxruntime-gpu")
     gpu = require_gpu(workdir, "tensorrt", GPU_HINT)
     for name, graph in io.items():
@@ -129,9 +130,7 @@ def compile_graphs(recipe: Recipe, workdir: Path, io: dict[str, Any], graph_file
     for files in graph_files.values():
         for file in files:
             (workdir / file).unlink(missing_ok=True)
-    return {
-        "providers": [[PROVIDER, load_options(recipe)]],
-        "graphs": {name: f"{name}{CONTEXT_SUFFIX}" for name in io},
+    return {  # the runtime's providers and graphs are static.runtime_options'; these are what the engines need
         "gpu": gpu_record(gpu),
         "versions": {"tensorrt": installed_tensorrt_version(), "onnxruntime": version_of("onnxruntime")},
     }

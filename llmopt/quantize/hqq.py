@@ -30,6 +30,14 @@ class Quantized:
     scale: np.ndarray  # [out, groups, 1] float32
     zero: np.ndarray | None  # [out, groups, 1] float32; None for symmetric
 
+    def split_zero_point(self, levels: int = 15) -> tuple[np.ndarray, np.ndarray]:
+        """The float zero point as the nearest integer one in [0, levels] plus a remainder, exactly:
+        ``(q - zero) * scale = (q - integer) * scale + remainder``. Returns (integer, remainder), both
+        [out, groups] (uint8, float32): the form the runtimes' fast integer kernels take."""
+        integer = np.clip(np.rint(self.zero), 0, levels)
+        remainder = (integer - self.zero) * self.scale
+        return integer[..., 0].astype(np.uint8), remainder[..., 0].astype(np.float32)
+
     def dequantize(self) -> np.ndarray:
         values = self.q.astype(np.float32)
         if self.zero is not None:

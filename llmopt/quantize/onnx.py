@@ -317,8 +317,6 @@ def float_zero_point_blocks(weight: np.ndarray, block_size: int) -> Blocks:
     but onnxruntime's int8 activations then err on all-positive weights: top-1 0.745 on SmolLM2.
     """
     quantized = hqq.quantize_asym(weight, block_size)
-    n_out = weight.shape[0]
-    scale, zero = quantized.scale[..., 0], quantized.zero[..., 0]
-    integer = np.clip(np.rint(zero), 0, 15)
-    return Blocks(bits=4, q=quantized.q.reshape(n_out, -1), scale=scale.astype(np.float32),
-                  zero=integer.astype(np.uint8), offset=((integer - zero) * scale).astype(np.float32))
+    integer, remainder = quantized.split_zero_point()
+    return Blocks(bits=4, q=quantized.q.reshape(weight.shape[0], -1), scale=quantized.scale[..., 0].astype(np.float32),
+                  zero=integer, offset=remainder)

@@ -72,9 +72,8 @@ def compress_hqq(model, group_size: int, all_layers: bool, integer_zero_points: 
             packed = ops.constant(quantized.q, ov.Type.u4)
         values = ops.convert(packed, ov.Type.f16)
         if quantized.zero is not None and integer_zero_points:
-            integer = np.clip(np.rint(quantized.zero), 0, 15)
-            remainder = ((integer - quantized.zero) * quantized.scale)[..., 0]  # [out, groups]
-            values = ops.subtract(values, ops.convert(ops.constant(integer.astype(np.uint8), ov.Type.u4), ov.Type.f16))
+            integer, remainder = quantized.split_zero_point()
+            values = ops.subtract(values, ops.convert(ops.constant(integer[..., None], ov.Type.u4), ov.Type.f16))
         elif quantized.zero is not None:
             values = ops.subtract(values, ops.constant(quantized.zero.astype(np.float16)))
         values = ops.multiply(values, ops.constant(quantized.scale.astype(np.float16)))

@@ -75,34 +75,39 @@ class OnnxRunner(Runner):
         overlay: dict = {"model": {"pad_token_id": PAD_ID, "eos_token_id": PAD_ID}}
         overlay["model"]["decoder"] = {"session_options": {"intra_op_num_threads": self.threads, **(session_options or {})}}
         config.overlay(json.dumps(overlay))
-        if self.provider == "cpu":
-            return og.Model(config)
         try:
             return og.Model(config)
         except Exception as exc:  # onnxruntime-genai raises a bare RuntimeError when the provider cannot load
+            if self.provider == "cpu":
+                raise
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ArtifactError(f"artifact '{self.path}': onnxruntime-genai cannot open it on provider "
                                 f"{self.provider}: {reason}", hint=GPU_HINT) from exc
 
     # -- generation -----------------------------------------------------------------------------
 
-    def _generator(self, sampling: SamplingConfig | None = None):
+    def _generator(self, sampling: SamplingConfig | None = None, model=None):
         og = self.og
+        model = model or self.model
         options = dict(max_length=self.sequence_length, batch_size=self.batch_size, do_sample=False)
         if sampling is not None and not sampling.greedy:
             options.update(do_sample=True, temperature=sampling.temperature, top_k=sampling.top_k,
                            top_p=sampling.top_p, random_seed=sampling.seed)
-        params = og.GeneratorParams(self.model)
+        params = og.GeneratorParams(model)
         params.set_search_options(**options)
-        return og.Generator(self.model, params)
+        return og.Generator(model, params)
+
+    def _input_ids(self, batch: list[list[int]]) -> np.ndarray:
+        """The rows right-padded with PAD_ID to the longest: [batch_size, width] int32."""
+        input_ids = np.full((self.batch_size, max(len(ids) for ids in batch)), PAD_ID, dtype=np.int32)
+        for row, ids in enumerate(batch):
+            input_ids[row, :len(ids)] = ids
+        return input_ids
 
     def generate(self, batch: list[list[int]], sampling: SamplingConfig, on_token: TokenCallback | None = None) -> BatchOutput:
         self.check_batch(batch)
-        width = max(len(ids) for ids in batch)
-        max_new_tokens = min(sampling.max_new_tokens, self.sequence_length - width)
-        input_ids = np.full((self.batch_size, width), PAD_ID, dtype=np.int32)
-        for row, ids in enumerate(batch):
-            input_ids[row, :len(ids)] = ids
+        input_ids = self._input_ids(batch)
+        max_new_tokens = min(sampling.max_new_tokens, self.sequence_length - input_ids.shape[1])
         penalize = sampling.repetition_penalty != 1.0
         seen = [list(ids) for ids in batch]  # for the repetition penalty: each row's prompt and output, no pads
 
@@ -145,15 +150,9 @@ class OnnxRunner(Runner):
         self.check_batch(batch)
         with tempfile.TemporaryDirectory(prefix="llmopt-profile-") as scratch:
             model = self._model_with({"enable_profiling": str(Path(scratch) / "onnxruntime")})
-            options = dict(max_length=self.sequence_length, batch_size=self.batch_size, do_sample=False)
-            params = self.og.GeneratorParams(model)
-            params.set_search_options(**options)
-            generator = self.og.Generator(model, params)
-            width = max(len(ids) for ids in batch)
-            input_ids = np.full((self.batch_size, width), PAD_ID, dtype=np.int32)
-            for row, ids in enumerate(batch):
-                input_ids[row, :len(ids)] = ids
-            steps = min(new_tokens, self.sequence_length - width)
+            generator = self._generator(model=model)
+            input_ids = self._input_ids(batch)
+            steps = min(new_tokens, self.sequence_length - input_ids.shape[1])
             started = time.perf_counter()
             generator.append_tokens(input_ids)
             generator.generate_next_token()  # the prefill runs here

@@ -113,14 +113,19 @@ class OpenVINORunner(Runner):
             config.rng_seed = sampling.seed
         return config
 
-    def _inputs(self, batch: list[list[int]]):
+    def _left_padded(self, batch: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask), the rows left-padded to the longest, as openvino-genai takes them."""
         width = max(len(ids) for ids in batch)
         input_ids = np.full((len(batch), width), self.pad_token_id, dtype=np.int64)
         attention_mask = np.zeros((len(batch), width), dtype=np.int64)
         for row, ids in enumerate(batch):
             input_ids[row, width - len(ids):] = ids
             attention_mask[row, width - len(ids):] = 1
-        return self.genai.TokenizedInputs(self.ov.Tensor(input_ids), self.ov.Tensor(attention_mask)), width
+        return input_ids, attention_mask
+
+    def _inputs(self, batch: list[list[int]]):
+        input_ids, attention_mask = self._left_padded(batch)
+        return self.genai.TokenizedInputs(self.ov.Tensor(input_ids), self.ov.Tensor(attention_mask)), input_ids.shape[1]
 
     def generate(self, batch: list[list[int]], sampling: SamplingConfig, on_token: TokenCallback | None = None) -> BatchOutput:
         self.check_batch(batch)
@@ -182,13 +187,8 @@ class OpenVINORunner(Runner):
         compiled = self.ov.Core().compile_model(str(self.path / self.model_file), self.device,
                                                 {**properties, "PERF_COUNT": True})
         request = compiled.create_infer_request()
-        width = max(len(ids) for ids in batch)
-        rows = len(batch)
-        input_ids = np.full((rows, width), self.pad_token_id, dtype=np.int64)
-        mask = np.zeros((rows, width), dtype=np.int64)
-        for row, ids in enumerate(batch):  # left-padded, as the pipeline feeds them
-            input_ids[row, width - len(ids):] = ids
-            mask[row, width - len(ids):] = 1
+        input_ids, mask = self._left_padded(batch)
+        rows, width = input_ids.shape
         steps = min(new_tokens, self.sequence_length - width)
         records, wall = [], {"prefill": 0.0, "decode": 0.0}
         request.reset_state()

@@ -19,10 +19,9 @@ import numpy as np
 
 from llmopt._deps import require
 from llmopt.errors import ArtifactError, UsageError
-from llmopt.gpu import check_compiled_for_this_gpu, check_session_provider, require_gpu
+from llmopt.gpu import TENSORRT_EP, check_compiled_for_this_gpu, check_session_provider, require_gpu
 from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, SequenceOutput, TokenCallback
 
-TENSORRT_PROVIDER = "TensorrtExecutionProvider"
 GPU_HINT = "pip install 'llmopt[gpu]' (onnxruntime-gpu, and TensorRT for the tensorrt provider) with an NVIDIA GPU"
 MASKED = {np.float32: np.finfo(np.float32).min, np.float16: np.finfo(np.float16).min}
 
@@ -209,7 +208,7 @@ class OnnxStaticRunner(StaticGraphRunner):
         providers = [tuple(item) if isinstance(item, list) else item
                      for item in self.runtime.get("providers") or ["CPUExecutionProvider"]]
         wanted = providers[0][0] if isinstance(providers[0], tuple) else providers[0]
-        if wanted == TENSORRT_PROVIDER:  # engines inside: this GPU's architecture and TensorRT version, exactly
+        if wanted == TENSORRT_EP:  # engines inside: this GPU's architecture and TensorRT version, exactly
             check_compiled_for_this_gpu(self.path, self.runtime, extra="gpu", tied_to=("tensorrt",))
         elif wanted != "CPUExecutionProvider":
             require_gpu(self.path, wanted, GPU_HINT)
@@ -242,8 +241,7 @@ class OnnxStaticRunner(StaticGraphRunner):
                            + profiling.from_onnxruntime_trace(self.decode_session.end_profiling(), "decode"))
             finally:
                 self.prefill_session, self.decode_session = saved
-        return profiling.summarize(records, {"prefill": output.ttft_s * 1000, "decode": output.decode_s * 1000},
-                                   max(len(sequence.token_ids) for sequence in output.sequences) - 1)
+        return profiling.summarize_generation(records, output)
 
     def cache_shape_and_type(self):
         present = next(item for item in self.prefill_session.get_outputs() if item.name == "present_keys")
@@ -304,8 +302,7 @@ class OpenVINOStaticRunner(StaticGraphRunner):
         finally:
             self.prefill_request, self.decode_request = saved
             self._counters = None
-        return profiling.summarize(records, {"prefill": output.ttft_s * 1000, "decode": output.decode_s * 1000},
-                                   max(len(sequence.token_ids) for sequence in output.sequences) - 1)
+        return profiling.summarize_generation(records, output)
 
     def _run(self, request, feeds, names):
         # share_inputs: the host cache is read in place; outputs are copied out of the request's buffers.

@@ -22,8 +22,6 @@ from llmopt.hardware import DetectedGpu
 from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, SequenceOutput, TokenCallback
 
 ENGINE_DIR = "engine"  # where older manifests without runtime.engine_dir keep the engine
-
-
 ENGINE_VERSIONS = ("tensorrt_llm", "tensorrt")  # the distributions an engine is tied to, exactly
 
 
