@@ -17,7 +17,7 @@ from llmopt import quantize as quantization
 from llmopt import recipe as recipe_module
 from llmopt._deps import version_of
 from llmopt.artifact import Manifest, directory_size
-from llmopt.errors import LlmoptError, UsageError, ValidationFailed
+from llmopt.errors import LlmoptError, UsageError, ValidationFailed, backend_errors
 from llmopt.exporters.base import Exporter, ExportResult, copy_tokenizer_files
 from llmopt.recipe import Recipe
 from llmopt.registry import exporter_class, runner_class
@@ -135,7 +135,7 @@ def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bo
     exporter.preflight(recipe)
     with events.step("resolve", f"resolving model {recipe.model.id}"):
         checkpoint = sources.resolve_model(recipe.model.id, recipe.model.revision, recipe.model.trust_remote_code)
-        sources.check_architecture(checkpoint)
+        model_type = sources.check_architecture(checkpoint)
     quantization.check_model(recipe, checkpoint)
     validated = validate and recipe.validation.enabled and exporter.validates_here(recipe)
     store = cache.ArtifactCache(cache_dir) if cache_dir is not None else None
@@ -146,13 +146,16 @@ def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bo
             return ExportReport(output=output, manifest=cached, seconds=seconds, size_bytes=directory_size(output), cached=True)
         with artifact.staging(output, force) as workdir:
             with events.step("export", f"exporting to {recipe.target}"):
-                result = exporter.export(quantization.exporter_recipe(recipe), checkpoint, workdir)
+                with backend_errors("export", exporter.backend_name(recipe), model_type):
+                    result = exporter.export(quantization.exporter_recipe(recipe), checkpoint, workdir)
                 copy_tokenizer_files(checkpoint, workdir)
-                result.runtime = quantization.apply(recipe, workdir, result.runtime)
+                with backend_errors("quantize", quantization.LIBRARIES.get(recipe.target, recipe.target), model_type):
+                    result.runtime = quantization.apply(recipe, workdir, result.runtime)
             manifest = new_manifest(recipe, exporter, checkpoint, result)
             manifest.cache_key = key
             if validated:
-                with events.step("validate", "comparing with PyTorch (teacher-forced)") as fields:
+                with events.step("validate", "comparing with PyTorch (teacher-forced)") as fields, \
+                        backend_errors("validate", _runtime_of(manifest), model_type):
                     manifest.validation = validate_against_pytorch(recipe, checkpoint, workdir, manifest)
                     fields.update(manifest.validation)
                 if not manifest.validation["passed"]:
@@ -169,6 +172,20 @@ def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bo
             if store is not None:
                 store.store(key, workdir)
     return ExportReport(output=output, manifest=manifest, seconds=time.perf_counter() - started, size_bytes=size)
+
+
+def _runtime_of(manifest: Manifest) -> str:
+    return f"{runner_class(manifest.target, manifest.static).runtime} or PyTorch"
+
+
+def model_type_of(path: Path) -> str | None:
+    """The model_type in an artifact's or checkpoint's config.json, if it has one."""
+    import json
+
+    try:
+        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def open_runner(path: str | Path, verify: bool = True, **options) -> Runner:
@@ -190,13 +207,17 @@ def run(path: str | Path, prompts: list[str], chat: bool = True, on_text=None, s
     """Load an artifact and generate for each prompt; returns a list of GenerationResult.
 
     ``speculation``: prompt-lookup or draft-model decoding, where the artifact's runner supports it."""
-    with events.step("load", f"loading {path}"):
+    model_type = model_type_of(Path(path))
+    manifest = artifact.read_manifest(Path(path))
+    runtime = runner_class(manifest.target, manifest.static).runtime
+    with events.step("load", f"loading {path}"), backend_errors("load", runtime, model_type):
         runner = open_runner(path)
     try:
         if speculation is not None:
             runner.set_speculation(speculation)
         sampling = sampling_from(runner.manifest, **sampling_overrides)
-        return generation.generate(runner, prompts, sampling, chat=chat, on_text=on_text)
+        with backend_errors("generate", runtime, model_type):
+            return generation.generate(runner, prompts, sampling, chat=chat, on_text=on_text)
     finally:
         runner.close()
 
@@ -300,12 +321,14 @@ def _quantize_artifact(start: QuantizeSource, output: Path, force: bool, validat
     with no_space_errors(output), artifact.staging(output, force) as workdir:
         with events.step("quantize", f"quantizing {source} ({recipe.quantization.weight_format})"):
             artifact.copy_body(source, workdir)
-            runtime = quantization.apply(recipe, workdir, source_manifest.runtime)
+            with backend_errors("quantize", quantization.LIBRARIES.get(recipe.target, recipe.target), model_type_of(source)):
+                runtime = quantization.apply(recipe, workdir, source_manifest.runtime)
         result = ExportResult(io=source_manifest.io, runtime=runtime)
         manifest = new_manifest(recipe, exporter, Path(source_manifest.source.get("checkpoint") or source), result)
         manifest.source["artifact"] = str(source)
         if validate and recipe.validation.enabled and exporter.validates_here(recipe):
-            with events.step("validate", "comparing with the fp artifact (teacher-forced)") as fields:
+            with events.step("validate", "comparing with the fp artifact (teacher-forced)") as fields, \
+                    backend_errors("validate", runner_class(manifest.target, manifest.static).runtime, model_type_of(source)):
                 manifest.validation = validate_against_artifact(recipe, source, source_manifest, workdir, manifest)
                 fields.update(manifest.validation)
             if not manifest.validation["passed"]:

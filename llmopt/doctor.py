@@ -20,6 +20,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
 from llmopt import __version__, artifact
+from llmopt.architectures import ARCHITECTURES
 from llmopt._deps import install_hint, version_of
 from llmopt.errors import ArtifactError, LlmoptError
 from llmopt.hardware import cpu_description, query_nvidia_smi
@@ -183,6 +184,7 @@ def machine_report() -> dict[str, Any]:
         "platform": platform.platform(),
         "metadata": bool(requirements),
         "targets": targets,
+        "architectures": list(ARCHITECTURES),
         "cpu": cpu_info(),
         "gpus": nvidia_gpus(),
         "neuron_devices": neuron_devices(),

@@ -32,20 +32,22 @@ def warning(message: str, **fields: Any) -> None:
 @contextlib.contextmanager
 def backend_output_hidden(backend: str) -> Iterator[None]:
     """A backend's prints stay off stdout, which holds results only: on stderr with LLMOPT_DEBUG, otherwise
-    kept and shown (the last 20 lines) only when the backend fails."""
+    dropped (a failure is one line, ``llmopt.errors.backend_errors``; LLMOPT_DEBUG=1 shows all of it)."""
     if os.environ.get("LLMOPT_DEBUG"):
         with contextlib.redirect_stdout(sys.stderr):
             yield
         return
-    log = io.StringIO()
+    # Their loggers hold the real stderr, so a redirect does not reach them.
+    loggers = [logging.getLogger(name) for name in ("transformers", "optimum", "nncf")]
+    levels = [each.level for each in loggers]
     try:
-        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        for each in loggers:
+            each.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             yield
-    except Exception:
-        tail = log.getvalue().strip().splitlines()[-20:]
-        if tail:
-            warning(f"{backend} output before the failure:\n" + "\n".join(tail))
-        raise
+    finally:
+        for each, level in zip(loggers, levels):
+            each.setLevel(level)
 
 
 def _fault_point(name: str, when: str) -> None:

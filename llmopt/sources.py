@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from llmopt import events
+from llmopt.architectures import ARCHITECTURES, GGUF_ARCHITECTURES
 from llmopt._deps import require
-from llmopt.errors import ArtifactError, LlmoptError, UsageError
+from llmopt.errors import ArtifactError, LlmoptError, UsageError, backend_errors, first_line
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2")
 
 # Seconds to wait for the Hub before falling back to the local cache.
 HUB_TIMEOUT_S = 10.0
@@ -33,6 +33,9 @@ FIX_VERSION = 1
 
 # Files a checkpoint needs from the Hub; *.py only with trust_remote_code, *.bin only as a fallback.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+# GGUF tokenizer.ggml.model values llmopt converts.
+GGUF_VOCABULARIES = {"gpt2": "byte-level BPE", "llama": "SentencePiece"}
 
 # The original SmolLM2 / GPT-2 style byte-level BPE pipeline. llama.cpp names SmolLM2's
 # pre-tokenizer "smollm" (split off every digit, then the GPT-2 regex, like StarCoder); the GGUF
@@ -95,7 +98,21 @@ def _converted_gguf(gguf_path: Path, cache_dir: Path | None) -> Path:
     if is_converted(out_dir):
         events.info(f"using the cached conversion of {gguf_path.name} in {out_dir}")
         return out_dir
+    check_gguf(gguf_path)
     return convert_gguf(gguf_path, out_dir)
+
+
+def check_gguf(gguf_path: Path) -> dict[str, Any]:
+    """Refuse, from the header alone, a GGUF whose architecture or vocabulary llmopt does not convert."""
+    meta = _gguf_metadata(gguf_path)
+    architecture = meta.get("architecture")
+    if architecture not in GGUF_ARCHITECTURES:
+        raise UsageError(f"GGUF architecture '{architecture}' in {gguf_path.name} is not supported "
+                         f"(supported: {', '.join(GGUF_ARCHITECTURES)})")
+    if meta.get("model") not in GGUF_VOCABULARIES:
+        raise UsageError(f"GGUF tokenizer model '{meta.get('model')}' in {gguf_path.name} is not supported "
+                         f"(supported: {', '.join(f'{k} ({v})' for k, v in GGUF_VOCABULARIES.items())})")
+    return meta
 
 
 # --------------------------------------------------------------------------- the Hub
@@ -157,7 +174,7 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
     try:
         yield
     except hub_errors.HFValidationError as exc:
-        raise UsageError(f"{prefix} not a valid Hugging Face Hub repo id ({_first_line(exc)})") from exc
+        raise UsageError(f"{prefix} not a valid Hugging Face Hub repo id ({first_line(exc)})") from exc
     except hub_errors.GatedRepoError as exc:
         raise LlmoptError(f"model '{repo_id}' is gated on the Hugging Face Hub and this machine has no access",
                           hint="accept its terms on huggingface.co, then run `hf auth login`") from exc
@@ -166,14 +183,8 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
     except hub_errors.RevisionNotFoundError as exc:
         raise LlmoptError(f"model '{repo_id}': revision '{revision}' not found on the Hugging Face Hub") from exc
     except (OSError, ValueError) as exc:  # offline, unreachable, not in the local cache, HTTP errors
-        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if _hub_offline() else _first_line(exc)
+        reason = "HF_HUB_OFFLINE is set and it is not in the local cache" if _hub_offline() else first_line(exc)
         raise LlmoptError(f"{prefix} the Hugging Face Hub could not be reached ({reason})") from exc
-
-
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).strip().splitlines()
-    line = text[0] if text else type(exc).__name__
-    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------- architecture
@@ -187,12 +198,12 @@ def check_architecture(checkpoint_dir: Path) -> str:
     except FileNotFoundError as exc:
         raise UsageError(f"model directory '{checkpoint_dir}' has no config.json") from exc
     except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(f"cannot read {config_path}: {_first_line(exc)}") from exc
+        raise ArtifactError(f"cannot read {config_path}: {first_line(exc)}") from exc
     model_type = config.get("model_type") if isinstance(config, dict) else None
-    if model_type not in SUPPORTED_ARCHITECTURES:
+    if model_type not in ARCHITECTURES:
         raise UsageError(
             f"model_type '{model_type}' in {config_path} is not supported "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"(supported: {', '.join(ARCHITECTURES)})"
         )
     return model_type
 
@@ -249,7 +260,8 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the checkpoint is meant to be shared
     try:
-        with events.step("convert-gguf", f"converting {gguf_path.name} into {out_dir}"):
+        with events.step("convert-gguf", f"converting {gguf_path.name} into {out_dir}"), \
+                backend_errors("convert-gguf", "transformers' GGUF loader", _gguf_metadata(gguf_path).get("architecture")):
             kwargs = dict(gguf_file=gguf_path.name)
             raw_tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
             model = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
@@ -276,9 +288,11 @@ def _gguf_metadata(gguf_path: Path) -> dict[str, Any]:
     def value(key: str) -> Any:
         return reader.fields[key].contents() if key in reader.fields else None
 
-    keys = ("model", "pre", "add_bos_token", "bos_token_id", "eos_token_id", "padding_token_id", "unknown_token_id")
+    keys = ("model", "pre", "add_bos_token", "add_eos_token", "add_space_prefix", "bos_token_id", "eos_token_id",
+            "padding_token_id", "unknown_token_id")
     meta = {key: value(f"tokenizer.ggml.{key}") for key in keys}
-    meta["context_length"] = value(f"{value('general.architecture')}.context_length")
+    meta["architecture"] = value("general.architecture")
+    meta["context_length"] = value(f"{meta['architecture']}.context_length")
     return meta
 
 

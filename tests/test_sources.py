@@ -164,7 +164,7 @@ def test_check_architecture_names_the_type_and_the_supported_ones(tmp_path):
     with pytest.raises(UsageError) as info:
         sources.check_architecture(write_config(tmp_path, model_type="gpt2"))
     assert "'gpt2'" in str(info.value)
-    assert all(name in str(info.value) for name in sources.SUPPORTED_ARCHITECTURES)
+    assert all(name in str(info.value) for name in __import__("llmopt.architectures").architectures.ARCHITECTURES)
 
 
 def test_check_architecture_without_model_type_or_config(tmp_path):

@@ -56,6 +56,7 @@ def _print_report(report: dict) -> None:
             )
         targets.add_row(target["name"], status, escape(detail))
     console.print(targets)
+    console.print(f"[bold]architectures[/bold] {', '.join(report['architectures'])}")
 
     cpu = report["cpu"]
     memory = f"{cpu['memory_bytes'] / 2**30:.0f} GiB" if cpu["memory_bytes"] else "? GiB"

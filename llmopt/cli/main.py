@@ -9,7 +9,7 @@ import typer
 
 from llmopt import __version__
 from llmopt.cli import _output
-from llmopt.errors import EXIT_RUNTIME, EXIT_USAGE, LlmoptError, UsageError
+from llmopt.errors import EXIT_RUNTIME, EXIT_USAGE, LlmoptError, UsageError, first_line
 
 app = typer.Typer(
     name="llmopt",
@@ -77,6 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _output.print_error("interrupted")
         return 130
+    except Exception as exc:  # a backend call no step wraps: still one line, the traceback under LLMOPT_DEBUG
+        if debug:
+            raise
+        _output.print_error(f"unexpected {type(exc).__name__}: {first_line(exc)}",
+                            "LLMOPT_DEBUG=1 shows the traceback; please report it")
+        return EXIT_RUNTIME
     return code if isinstance(code, int) else 0  # typer.Exit(code) comes back as the return value
 
 

@@ -26,6 +26,11 @@ class Exporter(ABC):
     target: ClassVar[str]
     extra: ClassVar[str]  # the pip extra that installs this target
     backend_distributions: ClassVar[tuple[str, ...]] = ()
+    backend: ClassVar[str] = ""  # what builds the artifact, named when it fails
+
+    def backend_name(self, recipe: Recipe) -> str:
+        """The library that builds this recipe's artifact (named in a one-line backend failure)."""
+        return f"torch.onnx static export ({self.target})" if recipe.shapes.static else self.backend
 
     def validates_here(self, recipe: Recipe) -> bool:
         """Whether the export host can run the artifact's teacher-forced parity check against PyTorch."""

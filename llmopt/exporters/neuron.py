@@ -112,6 +112,7 @@ class NeuronExporter(Exporter):
     target = "neuron"
     extra = "neuron"
     backend_distributions = ("optimum-neuron", "neuronx-cc", "torch-neuronx", "neuronx-distributed", "transformers")
+    backend = "optimum-neuron"
 
     def validates_here(self, recipe: Recipe) -> bool:
         return False  # on-device sampling returns tokens, not the logits the parity check compares

@@ -21,12 +21,14 @@ always the fp one: int8/int4 weights are a pass over it afterwards (``llmopt.qua
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from llmopt import events
-from llmopt._deps import require
+from llmopt._deps import dtype_keyword, require
 from llmopt.errors import LlmoptError, RecipeError
 from llmopt.exporters.base import Exporter, ExportResult
 from llmopt.recipe import Recipe
@@ -39,7 +41,9 @@ TOKENIZER_FILE = "openvino_tokenizer.xml"
 DETOKENIZER_FILE = "openvino_detokenizer.xml"
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
 # Inputs of the stateful IR and where their batch dimension is; -1 leaves the sequence dynamic.
+# position_ids is optional: some architectures (nemotron) derive positions from the mask.
 BATCHED_INPUTS = {"input_ids": 2, "attention_mask": 2, "position_ids": 2, "beam_idx": 1}
+REQUIRED_INPUTS = ("input_ids", "attention_mask", "beam_idx")
 # Runtime properties per precision. fp16 keeps the device default (bf16 or f16 compute, f16 cache).
 PRECISION_OPTIONS = {
     "fp32": {"INFERENCE_PRECISION_HINT": "f32", "KV_CACHE_PRECISION": "f32"},
@@ -56,6 +60,7 @@ class OpenVINOExporter(Exporter):
     target = "openvino"
     extra = "openvino"
     backend_distributions = ("openvino", "openvino-tokenizers", "openvino-genai", "optimum-intel", "nncf")
+    backend = "optimum-intel"
 
     def check(self, recipe: Recipe) -> None:
         if recipe.shapes.static:
@@ -88,7 +93,7 @@ class OpenVINOExporter(Exporter):
                 "task": TASK,
                 "stateful": True,
                 "ov_config": {"dtype": OPTIMUM_DTYPES[dtype], "quantization_config": None},
-                "model_loading_kwargs": {"torch_dtype": TRACE_DTYPES[dtype]},
+                "model_loading_kwargs": {dtype_keyword(): TRACE_DTYPES[dtype]},
                 "local_files_only": True,
                 "trust_remote_code": recipe.model.trust_remote_code,
                 "weights": "no compression (an explicit ov_config turns off optimum-intel's int8 default above 1B parameters)",
@@ -121,6 +126,12 @@ class OpenVINOExporter(Exporter):
             from llmopt.exporters.static import export_static
 
             return export_static(recipe, checkpoint, workdir, "openvino")
+        soft_capped = soft_capped_attention(checkpoint)
+        if soft_capped and recipe.shapes.batch_size > 1:
+            raise RecipeError(
+                "shapes.batch_size above 1 is not supported on openvino for models with soft-capped attention "
+                "(Gemma 2): their eager-traced IR runs only in the stateful SDPA pipeline; accepted: 1",
+                hint="set shapes.batch_size: 1, or use target onnx")
         # The IR is re-saved after the reshape, and never over the file it was read from (memory-mapped).
         traced = workdir / "optimum-export"
         run_optimum_export(recipe, checkpoint, traced)
@@ -136,7 +147,10 @@ class OpenVINOExporter(Exporter):
         shutil.rmtree(traced)
         convert_tokenizer(checkpoint, workdir, recipe.model.trust_remote_code)
         write_optimum_config(recipe, workdir)
-        return ExportResult(io=shapes, runtime=runtime_options(recipe))
+        runtime = runtime_options(recipe)
+        if soft_capped:  # no ScaledDotProductAttention op for the paged-attention pipeline to replace
+            runtime["ov_config"] = {"ATTENTION_BACKEND": "SDPA", **runtime["ov_config"]}
+        return ExportResult(io=shapes, runtime=runtime)
 
 
 def reshape_shapes(batch_size: int) -> dict[str, list[int]]:
@@ -159,13 +173,44 @@ def runtime_options(recipe: Recipe) -> dict[str, Any]:
     }
 
 
+def soft_capped_attention(checkpoint: Path) -> bool:
+    return bool(json.loads((checkpoint / "config.json").read_text(encoding="utf-8")).get("attn_logit_softcapping"))
+
+
+@contextlib.contextmanager
+def traced_attention(checkpoint: Path) -> Iterator[None]:
+    """Trace soft-capped attention (Gemma 2) with transformers' eager attention.
+
+    optimum-intel 1.27 forces sdpa on gemma2 (``FORCE_ATTN_MODEL_CLASSES`` in
+    ``optimum/exporters/openvino/__main__.py``), and transformers' sdpa attention drops
+    ``attn_logit_softcapping`` silently: the IR would not compute the model (top-1 0.27 against it
+    on a tiny Gemma 2 with a cap of 2). The eager trace keeps the cap; the table is restored after.
+    The eager IR has no ScaledDotProductAttention op, so openvino-genai runs it in its stateful
+    pipeline (``ATTENTION_BACKEND: SDPA``) rather than the paged-attention one.
+    """
+    if not soft_capped_attention(checkpoint):
+        yield
+        return
+    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    forced = require("optimum.exporters.openvino.__main__", extra="openvino", package="optimum-intel").FORCE_ATTN_MODEL_CLASSES
+    model_type, before = config["model_type"], forced.get(config["model_type"])
+    forced[model_type] = "eager"
+    try:
+        yield
+    finally:
+        if before is None:
+            forced.pop(model_type, None)
+        else:
+            forced[model_type] = before
+
+
 def run_optimum_export(recipe: Recipe, checkpoint: Path, output: Path) -> None:
     torch = require("torch", extra="openvino")
     main_export = require("optimum.exporters.openvino", extra="openvino", package="optimum-intel").main_export
     configuration = require("optimum.intel.openvino.configuration", extra="openvino", package="optimum-intel")
     dtype = recipe.precision.dtype
     events.info(f"tracing {recipe.model.id} with optimum-intel ({dtype}, stateful)")
-    with events.backend_output_hidden("optimum-intel"):
+    with events.backend_output_hidden("optimum-intel"), traced_attention(checkpoint):
         main_export(
             str(checkpoint),
             output=output,
@@ -173,7 +218,7 @@ def run_optimum_export(recipe: Recipe, checkpoint: Path, output: Path) -> None:
             stateful=True,
             # An explicit OVConfig with no quantization_config: optimum-intel then skips its int8 default.
             ov_config=configuration.OVConfig(dtype=OPTIMUM_DTYPES[dtype]),
-            model_loading_kwargs={"torch_dtype": getattr(torch, TRACE_DTYPES[dtype])},
+            model_loading_kwargs={dtype_keyword(): getattr(torch, TRACE_DTYPES[dtype])},
             local_files_only=True,
             trust_remote_code=recipe.model.trust_remote_code,
             library_name="transformers",
@@ -188,10 +233,11 @@ def pin_batch_dimension(recipe: Recipe, source: Path, destination: Path) -> dict
     ov = require("openvino", extra="openvino")
     model = ov.Core().read_model(source)
     names = {port.get_any_name() for port in model.inputs}
-    missing = sorted(set(BATCHED_INPUTS) - names)
+    missing = sorted(set(REQUIRED_INPUTS) - names)
     if missing:
         raise LlmoptError(f"the exported IR lacks the stateful inputs {', '.join(missing)} (has {', '.join(sorted(names))})")
-    model.reshape({name: ov.PartialShape(shape) for name, shape in reshape_shapes(recipe.shapes.batch_size).items()})
+    model.reshape({name: ov.PartialShape(shape) for name, shape in reshape_shapes(recipe.shapes.batch_size).items()
+                   if name in names})
     shapes = {
         "inputs": {port.get_any_name(): str(port.get_partial_shape()) for port in model.inputs},
         "outputs": {port.get_any_name(): str(port.get_partial_shape()) for port in model.outputs},

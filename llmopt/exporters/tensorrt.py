@@ -142,6 +142,7 @@ class TensorRTExporter(Exporter):
     target = "tensorrt"
     extra = "tensorrt"
     backend_distributions = ("tensorrt_llm", "tensorrt", "nvidia-modelopt", "transformers", "torch")
+    backend = "TensorRT-LLM"
 
     def validates_here(self, recipe: Recipe) -> bool:
         # The build host has the GPU the engine runs on; teacher forcing needs the engine's prompt logits.

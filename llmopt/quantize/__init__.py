@@ -30,6 +30,9 @@ BACKENDS: dict[str, str] = {
     "onnx": "llmopt.quantize.onnx",
 }
 
+# What does the work, named when it fails.
+LIBRARIES: dict[str, str] = {"openvino": "openvino/nncf", "onnx": "onnx/onnxruntime quantization"}
+
 # Validation thresholds when the recipe sets none of its own (fp keeps Validation's defaults).
 # From SmolLM2-135M on openvino (teacher-forced, 192 tokens of llmopt/data/validation.txt): int8
 # 0.92 / KL 0.004; int4 HQQ 0.97 / 0.001, NNCF AWQ 0.73 / 0.21 pass; NNCF int4 round-to-nearest,

@@ -29,7 +29,9 @@ def compress_nncf(model, recipe: Recipe, arguments: dict[str, Any], tokenizer):
     pinned = {port.get_any_name(): port.get_partial_shape() for port in model.inputs}
     if "dataset" in call:
         model.reshape({name: batch_one(shape) for name, shape in pinned.items()})
-        items = calibration_items(recipe, tokenizer, call["dataset"])
+        names = {name for port in model.inputs for name in port.get_names()}
+        items = [{key: value for key, value in item.items() if key in names or not isinstance(value, np.ndarray)}
+                 for item in calibration_items(recipe, tokenizer, call["dataset"])]
         call["dataset"] = nncf.Dataset(items)
         call["subset_size"] = len(items)
     nncf_logger = logging.getLogger("nncf")  # its bit-width table goes to the logger, not stdout

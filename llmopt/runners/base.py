@@ -125,6 +125,8 @@ class Runner(ABC):
     extra: ClassVar[str]
     # Distributions whose versions must be able to load what the exporter recorded.
     backend_distributions: ClassVar[tuple[str, ...]] = ()
+    # The runtime that executes the artifact, named when it fails.
+    runtime: ClassVar[str] = ""
     # Speculative decoding methods this runner implements (see ``Speculation``), at batch size 1.
     speculation_methods: ClassVar[tuple[str, ...]] = ()
 

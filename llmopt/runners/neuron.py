@@ -45,6 +45,7 @@ class NeuronRunner(Runner):
     target = "neuron"
     extra = "neuron"
     backend_distributions = ("optimum-neuron", "neuronx-cc")
+    runtime = "optimum-neuron"
 
     def __init__(self, path: Path, batch_size: int, sequence_length: int, manifest=None):
         super().__init__(path, batch_size, sequence_length, manifest)

@@ -36,6 +36,7 @@ class OpenVINORunner(Runner):
     target = "openvino"
     extra = "openvino"
     backend_distributions = ("openvino", "openvino-genai")
+    runtime = "openvino-genai"
     # openvino-genai's prompt_lookup pipeline and its speculative decoding with a draft model (another
     # openvino artifact of the same checkpoint, e.g. its int4 build); both on the paged-attention scheduler.
     speculation_methods = ("prompt-lookup", "draft")
@@ -165,12 +166,12 @@ class OpenVINORunner(Runner):
         length = len(token_ids)
         # The batch dimension is pinned: feed batch_size copies and read the first row.
         rows = self.batch_size
-        request.infer({
+        request.infer(own_inputs(request, {
             "input_ids": np.tile(np.asarray(token_ids, dtype=np.int64), (rows, 1)),
             "attention_mask": np.ones((rows, length), dtype=np.int64),
             "position_ids": np.tile(np.arange(length, dtype=np.int64), (rows, 1)),
             "beam_idx": np.arange(rows, dtype=np.int32),
-        })
+        }))
         return np.array(request.get_tensor("logits").data[0], dtype=np.float32)
 
     def profile(self, batch: list[list[int]], new_tokens: int) -> dict:
@@ -197,7 +198,7 @@ class OpenVINORunner(Runner):
         for step in range(steps):
             phase = "prefill" if step == 0 else "decode"
             started = time.perf_counter()
-            request.infer(feeds)
+            request.infer(own_inputs(request, feeds))
             tokens = np.asarray(request.get_tensor("logits").data[:, -1]).argmax(-1)
             wall[phase] += (time.perf_counter() - started) * 1000
             records += profiling.from_openvino_counters(request.get_profiling_info(), phase)
@@ -255,3 +256,9 @@ def token_streamer_class(genai):
             pass
 
     return TokenStreamer
+
+
+def own_inputs(request, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The feeds the IR has inputs for (position_ids is optional in optimum-intel's stateful IRs)."""
+    names = {name for port in request.model_inputs for name in port.get_names()}
+    return {name: value for name, value in feeds.items() if name in names}

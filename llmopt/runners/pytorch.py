@@ -51,6 +51,7 @@ class PyTorchRunner(Runner):
     target = "pytorch"
     extra = "pytorch"
     backend_distributions = ("torch", "transformers")
+    runtime = "transformers"
     # transformers' prompt_lookup_num_tokens and assisted generation (assistant_model, a checkpoint
     # sharing the tokenizer). Eager mode only: transformers would silently swap a static cache for a
     # dynamic one.
@@ -69,7 +70,7 @@ class PyTorchRunner(Runner):
             torch.set_num_threads(threads)
         self.torch, self.mode = torch, mode
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            self.path, dtype=getattr(torch, TORCH_DTYPES[dtype]), attn_implementation="sdpa"
+            self.path, dtype=getattr(torch, TORCH_DTYPES[dtype]), attn_implementation=attention_for(self.path)
         ).eval()
         if mode == "compile":
             self.model.forward = torch.compile(self.model.forward, dynamic=False)
@@ -104,7 +105,7 @@ class PyTorchRunner(Runner):
                              "runner drafts with a Hugging Face checkpoint sharing the model's tokenizer")
         self.check_draft_tokenizer(path)
         return AutoModelForCausalLM.from_pretrained(
-            path, dtype=getattr(self.torch, TORCH_DTYPES[self.dtype]), attn_implementation="sdpa").eval()
+            path, dtype=getattr(self.torch, TORCH_DTYPES[self.dtype]), attn_implementation=attention_for(path)).eval()
 
     def generate(self, batch: list[list[int]], sampling: SamplingConfig, on_token: TokenCallback | None = None) -> BatchOutput:
         torch = self.torch
@@ -146,3 +147,12 @@ class PyTorchRunner(Runner):
         with torch.inference_mode():
             output = self.model(torch.tensor([token_ids], dtype=torch.long))
         return output.logits[0].float().numpy()
+
+
+def attention_for(checkpoint: Path) -> str:
+    """sdpa, except for models whose attention scores are soft-capped (Gemma 2): sdpa drops the cap
+    silently, so only the eager attention computes the model as trained."""
+    import json
+
+    config = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    return "eager" if config.get("attn_logit_softcapping") else "sdpa"

@@ -202,6 +202,7 @@ class OnnxStaticRunner(StaticGraphRunner):
     target = "onnx"
     extra = "onnx"
     backend_distributions = ("onnxruntime",)
+    runtime = "onnxruntime"
     default_graphs = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
 
     def _open(self, prefill: Path, decode: Path) -> None:
@@ -261,6 +262,7 @@ class OpenVINOStaticRunner(StaticGraphRunner):
     target = "openvino"
     extra = "openvino"
     backend_distributions = ("openvino",)
+    runtime = "openvino"
     default_graphs = {"prefill": "prefill.xml", "decode": "decode.xml"}
 
     def _open(self, prefill: Path, decode: Path) -> None:
