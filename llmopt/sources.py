@@ -283,7 +283,10 @@ def _gguf_metadata(gguf_path: Path) -> dict[str, Any]:
     """The GGUF's tokenizer settings that the converter drops or misreads, plus the context length."""
     from gguf import GGUFReader
 
-    reader = GGUFReader(gguf_path)
+    try:
+        reader = GGUFReader(gguf_path)
+    except (ValueError, OSError) as exc:
+        raise ArtifactError(f"{gguf_path} is not a GGUF file llmopt can read: {first_line(exc)}") from exc
 
     def value(key: str) -> Any:
         return reader.fields[key].contents() if key in reader.fields else None
