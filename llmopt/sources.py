@@ -256,16 +256,17 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     torch = require("torch", extra="pytorch")
     transformers = require("transformers", extra="pytorch")
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    meta = _gguf_metadata(gguf_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the checkpoint is meant to be shared
     try:
         with events.step("convert-gguf", f"converting {gguf_path.name} into {out_dir}"), \
-                backend_errors("convert-gguf", "transformers' GGUF loader", _gguf_metadata(gguf_path).get("architecture")):
+                backend_errors("convert-gguf", "transformers' GGUF loader", meta.get("architecture")):
             kwargs = dict(gguf_file=gguf_path.name)
             raw_tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
             model = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
-            tokenizer = fix_gguf_tokenizer(raw_tokenizer, _gguf_metadata(gguf_path))
+            tokenizer = fix_gguf_tokenizer(raw_tokenizer, meta)
             _align_special_ids(model, tokenizer)
             model.save_pretrained(tmp)
             model.generation_config.save_pretrained(tmp)
@@ -285,7 +286,7 @@ def _gguf_metadata(gguf_path: Path) -> dict[str, Any]:
 
     try:
         reader = GGUFReader(gguf_path)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, IndexError) as exc:
         raise ArtifactError(f"{gguf_path} is not a GGUF file llmopt can read: {first_line(exc)}") from exc
 
     def value(key: str) -> Any:

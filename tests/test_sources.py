@@ -217,8 +217,10 @@ def test_a_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
         raise RuntimeError("killed mid-conversion")
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", boom)
+    monkeypatch.setattr(sources, "_gguf_metadata", lambda path: {"architecture": "llama", "model": "gpt2"})
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
-    with pytest.raises(RuntimeError):
+    with pytest.raises(LlmoptError, match="convert-gguf failed in transformers' GGUF loader for model_type 'llama'"
+                                          ".*killed mid-conversion"):
         sources.convert_gguf(tmp_path / "m.gguf", tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
 
