@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from llmopt import adapters, artifact, cache, events, generation, hub_cache, sources, validation
+from llmopt import adapters, artifact, cache, events, generation, hub, hub_cache, sources, validation
 from llmopt import quantize as quantization
 from llmopt import recipe as recipe_module
 from llmopt._deps import version_of
@@ -207,8 +207,9 @@ def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bo
 
 
 def open_runner(path: str | Path, verify: bool = True, **options) -> Runner:
-    """Load an artifact with the runner its manifest names."""
-    manifest = artifact.read_manifest(Path(path))
+    """Load an artifact with the runner its manifest names; ``path`` may be the Hub id of a pushed one."""
+    path = hub.artifact_path(path)
+    manifest = artifact.read_manifest(path)
     return runner_class(manifest.target, manifest.static).load(path, verify=verify, **options)
 
 

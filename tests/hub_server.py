@@ -1,5 +1,5 @@
 """A small server on 127.0.0.1 that speaks the part of the Hugging Face Hub's HTTP API that
-huggingface_hub 0.36 uses to create a repo, pre-upload, upload LFS objects (basic transfer, so
+huggingface_hub 0.36 uses to create a repo, validate a model card's YAML, pre-upload, upload LFS objects (basic transfer, so
 no Xet), commit (ndjson), list the tree, read model info and download files (``resolve``), with
 the Hub's headers: X-Repo-Commit, ETag, X-Linked-Etag / X-Linked-Size for LFS files, and
 X-Error-Code (RepoNotFound, RevisionNotFound, EntryNotFound) on errors.
@@ -17,6 +17,7 @@ import json
 import re
 import secrets
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -42,6 +43,7 @@ class HubServer:
         self.repos: dict[str, Repo] = {}
         self.objects: dict[str, bytes] = {}  # LFS store: sha256 -> content
         self.requests: list[str] = []
+        self.delays: dict[str, float] = {}  # file name -> seconds a download of it stalls first
         self.lock = threading.Lock()
         handler = type("Handler", (_Handler,), {"hub": self})
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
@@ -137,8 +139,11 @@ class _Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         self.hub.requests.append(f"{self.command} {url.path}")
         path, query = url.path, parse_qs(url.query)
+        if self.command == "GET" and "/resolve/" in path and (stall := self.hub.delays.get(path.rsplit("/", 1)[-1])):
+            time.sleep(stall)  # a slow download, for tests that interrupt one
         routes = [
             ("POST", r"/api/repos/create", self.create_repo),
+            ("POST", r"/api/validate-yaml", self.validate_yaml),
             ("POST", _API_REPO + r"/preupload/(?P<rev>[^/]+)", self.preupload),
             ("POST", _API_REPO + r"/commit/(?P<rev>[^/]+)", self.commit),
             ("GET", _API_REPO + r"/tree/(?P<rev>[^/]+)(?P<sub>/.*)?", self.tree),
@@ -171,6 +176,10 @@ class _Handler(BaseHTTPRequestHandler):
         sha = secrets.token_hex(20)
         self.hub.repos[repo_id] = Repo(private=bool(payload.get("private")), head=sha, commits={sha: {}})
         self.reply(200, {"url": f"{self.hub.url}/{repo_id}", "name": repo_id, "id": repo_id})
+
+    def validate_yaml(self, query) -> None:  # called before committing a README.md with front matter
+        json.loads(self.body())
+        self.reply(200, {"errors": [], "warnings": []})
 
     def model_info(self, query, repo, rev=None) -> None:
         if (found := self.repo(repo)) is None or (sha := self.commit_of(found, rev or "main")) is None:
@@ -263,7 +272,6 @@ class _Handler(BaseHTTPRequestHandler):
 
 if __name__ == "__main__":
     import argparse
-    import time
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, default=0)
