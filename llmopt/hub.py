@@ -58,6 +58,8 @@ def hub_errors(repo_id: str, action: str) -> Iterator[None]:
                             hint="check the id; a private repo needs HF_TOKEN or `hf auth login`") from exc
     except errors.RevisionNotFoundError as exc:
         raise ArtifactError(f"{where}: revision not found") from exc
+    except errors.LocalEntryNotFoundError as exc:  # what a download raises when the endpoint cannot be reached
+        raise LlmoptError(f"cannot {action} {where}: the endpoint cannot be reached") from exc
     except errors.EntryNotFoundError as exc:
         raise ArtifactError(f"{where} has no {MANIFEST_NAME}: it does not hold an llmopt artifact",
                             hint="push one with `llmopt push ARTIFACT REPO_ID`") from exc

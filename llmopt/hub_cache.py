@@ -34,9 +34,12 @@ class RemoteCache:
                     huggingface_hub.hf_hub_download(self.repo_id, f"{key}/{name}", revision=self.revision,
                                                     local_dir=tmp, endpoint=hub.endpoint())
 
+                errors = huggingface_hub.errors
                 try:
                     download(artifact.MANIFEST_NAME)
-                except (huggingface_hub.errors.RepositoryNotFoundError, huggingface_hub.errors.EntryNotFoundError):
+                except errors.LocalEntryNotFoundError:
+                    raise  # unreachable, not a miss
+                except (errors.RepositoryNotFoundError, errors.EntryNotFoundError):
                     events.info(f"remote cache miss in {self.repo_id}", cache_key=key)
                     return False
                 with events.step("cache-fetch", f"remote cache hit: downloading {key[:12]} from {self.repo_id}"):

@@ -129,3 +129,26 @@ def test_interrupted_pull_leaves_nothing(server, art, hub_env, tmp_path):
     assert again.returncode == 0, again.stderr
     assert artifact.load(output, verify=True)
     assert list(tmp_path.glob("out.partial-*")) == []  # the killed pull's staging directory swept
+
+
+@pytest.mark.onnx
+def test_remote_cache_compiles_each_recipe_once(server, tiny_llama, hub_env, tmp_path):
+    """Two CI jobs with empty local caches share one Hub repo: the first compiles and uploads, the second downloads."""
+    pytest.importorskip("onnxruntime_genai", reason="pip install 'llmopt[onnx]'")
+    args = ["export", "-m", str(tiny_llama), "-t", "onnx", "--sequence-length", "32", "--no-validate",
+            "--cache-repo", "ci/compile-cache", "--json"]
+    first = cli([*args, "-o", str(tmp_path / "job1")], {**hub_env, "LLMOPT_CACHE_DIR": str(tmp_path / "cache1")})
+    assert first.returncode == 0, first.stderr
+    built = json.loads(first.stdout)
+    assert not built["cached"]
+    remote = server.files("ci/compile-cache")
+    assert f"{built['cache_key']}/{artifact.MANIFEST_NAME}" in remote
+    second = cli([*args, "-o", str(tmp_path / "job2")], {**hub_env, "LLMOPT_CACHE_DIR": str(tmp_path / "cache2")})
+    assert second.returncode == 0, second.stderr
+    fetched = json.loads(second.stdout)
+    assert fetched["cached"] and fetched["cache_key"] == built["cache_key"]
+    assert artifact.load(tmp_path / "job2", verify=True).files == artifact.load(tmp_path / "job1").files
+    unreachable = cli([*args, "-o", str(tmp_path / "job3")], {**hub_env, "LLMOPT_CACHE_DIR": str(tmp_path / "cache3"),
+                                                               "HF_ENDPOINT": "http://127.0.0.1:9"})
+    assert unreachable.returncode == 0, unreachable.stderr  # the remote only saves time: compiled here instead
+    assert "compiling" in unreachable.stderr
