@@ -71,7 +71,7 @@ def hub_errors(repo_id: str, action: str) -> Iterator[None]:
             raise LlmoptError(f"not allowed to {action} {where} (HTTP {status})",
                               hint="set HF_TOKEN (or `hf auth login`) to a token with write access") from exc
         raise LlmoptError(f"cannot {action} {where}: {sources._first_line(exc)}") from exc
-    except requests.ConnectionError as exc:
+    except (requests.ConnectionError, requests.Timeout) as exc:
         raise LlmoptError(f"cannot {action} {where}: the endpoint cannot be reached") from exc
 
 
@@ -188,8 +188,8 @@ def artifact_path(spec: str | Path) -> Path:
     """``spec`` as a local artifact directory: itself when it exists (or is not a Hub id), else the
     Hub repo ``org/name[@revision]`` pulled once into the llmopt cache (and reused offline)."""
     text = str(spec)
-    if Path(text).expanduser().exists() or not looks_like_repo_id(text):
-        return Path(text)
+    if Path(text).expanduser().exists() or not looks_like_repo_id(text) or Path(text.split("/")[0]).is_dir():
+        return Path(text)  # a missing path under a local directory (out/typo) is a local path, not a repo
     repo_id, _, revision = text.partition("@")
     root = sources.cache_root() / "hub" / repo_id.replace("/", "--")
     ref = root / "refs" / (revision or "main").replace("/", "--")
@@ -197,16 +197,16 @@ def artifact_path(spec: str | Path) -> Path:
     if sources._hub_offline():
         if known and (root / known / MANIFEST_NAME).is_file():
             return root / known
-        raise LlmoptError(f"artifact '{text}': not a local directory, and HF_HUB_OFFLINE is set with no pulled copy",
-                          hint=f"pull it once online: llmopt run/verify {text}, or llmopt pull {repo_id} -o DIR")
+        raise ArtifactError(f"artifact '{text}' does not exist, and HF_HUB_OFFLINE is set with no pulled copy of "
+                            f"the Hub repo {repo_id}", hint=f"pull it once online: llmopt pull {repo_id} -o DIR")
     try:
         with hub_errors(repo_id, "pull"):
-            commit = client().model_info(repo_id, revision=revision or None).sha
-    except LlmoptError:
+            commit = client().model_info(repo_id, revision=revision or None, timeout=sources.HUB_TIMEOUT_S).sha
+    except LlmoptError as exc:
         if known and (root / known / MANIFEST_NAME).is_file():  # unreachable: the copy pulled before
             events.warning(f"{endpoint()} unreachable; using the copy of {text} pulled before ({known[:12]})")
             return root / known
-        raise
+        raise type(exc)(f"artifact '{text}' is not a local directory, and {exc.message}", hint=exc.hint) from exc
     target = root / commit
     if not (target / MANIFEST_NAME).is_file():
         pull(repo_id, target, revision=commit)
