@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from llmopt import artifact, cache, events, generation, sources, validation
+from llmopt import adapters, artifact, cache, events, generation, hub, hub_cache, sources, validation
 from llmopt import quantize as quantization
 from llmopt import recipe as recipe_module
 from llmopt._deps import version_of
@@ -64,10 +64,34 @@ def plan(recipe: Recipe) -> dict[str, Any]:
     return {"target": recipe.target, "recipe": recipe.to_dict(), "plan": steps}
 
 
-def provenance(recipe: Recipe, checkpoint: Path) -> dict:
+def provenance(recipe: Recipe, checkpoint: Path, adapter: Adapter | None = None) -> dict:
     """The manifest fields that say what this export was asked for and where its weights came from."""
-    return {"recipe": recipe.to_dict(),
-            "source": {"model": recipe.model.id, "revision": recipe.model.revision, "checkpoint": str(checkpoint)}}
+    source = {"model": recipe.model.id, "revision": recipe.model.revision, "checkpoint": str(checkpoint)}
+    if adapter is not None:
+        source["adapter"] = {"id": recipe.model.adapter, "path": str(adapter.path), "files": adapter.hashes}
+    return {"recipe": recipe.to_dict(), "source": source}
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter checked against its base: where it is, and the sha256 of its files."""
+
+    path: Path
+    hashes: dict[str, str]
+
+
+def check_adapter(recipe: Recipe, checkpoint: Path) -> Adapter | None:
+    """The recipe's adapter, refused in one line if it does not fit ``checkpoint``; None without one."""
+    if recipe.model.adapter is None:
+        return None
+    path = adapters.resolve(recipe.model.adapter)
+    adapters.check(path, checkpoint)
+    return Adapter(path, adapters.hashes(path))
+
+
+def merged_checkpoint(recipe: Recipe, checkpoint: Path, adapter: Adapter, store: cache.ArtifactCache | None) -> Path:
+    base_hashes = (store or cache.ArtifactCache(cache.default_dir())).source_hashes(checkpoint)
+    return adapters.merge(checkpoint, adapter.path, base_hashes, adapter.hashes, recipe.model.trust_remote_code)
 
 
 def new_manifest(recipe: Recipe, exporter: Exporter, checkpoint: Path, result) -> Manifest:
@@ -121,11 +145,12 @@ def no_space_errors(output: Path) -> Iterator[None]:
 
 
 def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bool = True,
-           cache_dir: str | Path | None = None) -> ExportReport:
+           cache_dir: str | Path | None = None, cache_repo: str | None = None) -> ExportReport:
     """Build an artifact at ``output``; on any failure ``output`` is left as it was.
 
     With ``cache_dir``, an artifact built before from the same inputs is copied from there instead
-    of compiled again, and a newly built one is stored there (see ``llmopt.cache``).
+    of compiled again, and a newly built one is stored there (see ``llmopt.cache``); ``cache_repo``
+    (a Hub repo id) shares those entries between machines (see ``llmopt.hub_cache``).
     """
     started = time.perf_counter()
     output = Path(output)
@@ -136,14 +161,23 @@ def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bo
     with events.step("resolve", f"resolving model {recipe.model.id}"):
         checkpoint = sources.resolve_model(recipe.model.id, recipe.model.revision, recipe.model.trust_remote_code)
         model_type = sources.check_architecture(checkpoint)
+        adapter = check_adapter(recipe, checkpoint)
     quantization.check_model(recipe, checkpoint)
     validated = validate and recipe.validation.enabled and exporter.validates_here(recipe)
-    store = cache.ArtifactCache(cache_dir) if cache_dir is not None else None
-    key = store.key(recipe, checkpoint, exporter.backend_distributions, validated) if store else None
+    if cache_repo is not None and cache_dir is None:
+        raise UsageError("--cache-repo shares the compile cache: it cannot be used with --no-cache")
+    remote = hub_cache.RemoteCache(cache_repo) if cache_repo else None
+    store = cache.ArtifactCache(cache_dir, remote=remote) if cache_dir is not None else None
+    key = store.key(recipe, checkpoint, exporter.backend_distributions, validated,
+                    adapter=adapter.hashes if adapter else None) if store else None
+    origin = provenance(recipe, checkpoint, adapter)
     with no_space_errors(output):
-        if store is not None and (cached := store.restore(key, output, force, provenance(recipe, checkpoint))) is not None:
+        if store is not None and (cached := store.restore(key, output, force, origin)) is not None:
             seconds = time.perf_counter() - started
             return ExportReport(output=output, manifest=cached, seconds=seconds, size_bytes=directory_size(output), cached=True)
+        if adapter is not None:  # the merged weights are the checkpoint from here on: exporter and parity gate alike
+            checkpoint = merged_checkpoint(recipe, checkpoint, adapter, store)
+            origin["source"].update(base_checkpoint=origin["source"]["checkpoint"], checkpoint=str(checkpoint))
         with artifact.staging(output, force) as workdir:
             with events.step("export", f"exporting to {recipe.target}"):
                 with backend_errors("export", exporter.backend_name(recipe), model_type):
@@ -152,6 +186,7 @@ def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bo
                 with backend_errors("quantize", quantization.LIBRARIES.get(recipe.target, recipe.target), model_type):
                     result.runtime = quantization.apply(recipe, workdir, result.runtime)
             manifest = new_manifest(recipe, exporter, checkpoint, result)
+            manifest.source = origin["source"]
             manifest.cache_key = key
             if validated:
                 with events.step("validate", "comparing with PyTorch (teacher-forced)") as fields, \
@@ -189,8 +224,9 @@ def model_type_of(path: Path) -> str | None:
 
 
 def open_runner(path: str | Path, verify: bool = True, **options) -> Runner:
-    """Load an artifact with the runner its manifest names."""
-    manifest = artifact.read_manifest(Path(path))
+    """Load an artifact with the runner its manifest names; ``path`` may be the Hub id of a pushed one."""
+    path = hub.artifact_path(path)
+    manifest = artifact.read_manifest(path)
     return runner_class(manifest.target, manifest.static).load(path, verify=verify, **options)
 
 
@@ -207,8 +243,9 @@ def run(path: str | Path, prompts: list[str], chat: bool = True, on_text=None, s
     """Load an artifact and generate for each prompt; returns a list of GenerationResult.
 
     ``speculation``: prompt-lookup or draft-model decoding, where the artifact's runner supports it."""
-    model_type = model_type_of(Path(path))
-    manifest = artifact.read_manifest(Path(path))
+    path = hub.artifact_path(path)
+    model_type = model_type_of(path)
+    manifest = artifact.read_manifest(path)
     runtime = runner_class(manifest.target, manifest.static).runtime
     with events.step("load", f"loading {path}"), backend_errors("load", runtime, model_type):
         runner = open_runner(path)
@@ -297,7 +334,7 @@ def quantize_plan(source: str | Path | None = None, recipe: Recipe | None = None
 
 def quantize(output: str | Path, recipe: Recipe | None = None, source: str | Path | None = None,
              overrides: dict[str, Any] | None = None, force: bool = False, validate: bool = True,
-             cache_dir: str | Path | None = None, config: str | Path | None = None) -> ExportReport:
+             cache_dir: str | Path | None = None, config: str | Path | None = None, cache_repo: str | None = None) -> ExportReport:
     """Quantize into ``output``: an fp artifact ``source`` (keeping its shapes), else ``recipe``'s model
     (or ``source`` as the model, with ``config`` and ``overrides``).
 
@@ -307,7 +344,7 @@ def quantize(output: str | Path, recipe: Recipe | None = None, source: str | Pat
     """
     start = quantize_source(source, recipe, config, overrides)
     if start.artifact is None:
-        return export(start.recipe, output, force=force, validate=validate, cache_dir=cache_dir)
+        return export(start.recipe, output, force=force, validate=validate, cache_dir=cache_dir, cache_repo=cache_repo)
     return _quantize_artifact(start, Path(output), force, validate)
 
 

@@ -51,8 +51,12 @@ def source_files(checkpoint: Path) -> list[Path]:
 
 
 class ArtifactCache:
-    def __init__(self, root: str | Path):
+    """``remote``: an optional shared store (``llmopt.hub_cache.RemoteCache``) with ``fetch(key, entry)``,
+    which fills a missing local entry, and ``upload(key, entry)``, which shares a new one."""
+
+    def __init__(self, root: str | Path, remote: Any = None):
         self.root = Path(root).expanduser()
+        self.remote = remote
 
     # -- the key ------------------------------------------------------------------------------
 
@@ -80,11 +84,13 @@ class ArtifactCache:
             self._write_atomically(index_path, json.dumps(index, indent=0, sort_keys=True))
         return hashes
 
-    def key(self, recipe: Recipe, checkpoint: Path, backend_distributions: tuple[str, ...], validated: bool) -> str:
+    def key(self, recipe: Recipe, checkpoint: Path, backend_distributions: tuple[str, ...], validated: bool,
+            adapter: dict[str, str] | None = None) -> str:
+        """``adapter``: sha256 of a LoRA adapter's files (merged into the weights), by file name."""
         recipe_fields = recipe.to_dict()
         # The weights are keyed by their content (source files below), not by the path or id that
         # named them: a fresh clone elsewhere, or a copy of the checkpoint, hits the same entry.
-        recipe_fields["model"] = {name: value for name, value in recipe_fields["model"].items() if name != "id"}
+        recipe_fields["model"] = {name: value for name, value in recipe_fields["model"].items() if name not in ("id", "adapter")}
         material = {
             "schema": KEY_SCHEMA,
             "llmopt": __version__,
@@ -95,6 +101,8 @@ class ArtifactCache:
             "backends": {name: version_of(name) for name in backend_distributions},
             "host": {"machine": platform.machine(), "system": platform.system()},
         }
+        if adapter is not None:
+            material["adapter"] = adapter
         key = hashlib.sha256(canonical_json(material).encode("ascii")).hexdigest()
         events.info(f"cache key {key}", cache_key=key, cache_dir=str(self.root))
         return key
@@ -113,6 +121,9 @@ class ArtifactCache:
         built from another path holding the same content (the key leaves the model's path out).
         """
         entry = self.entry(key)
+        if not entry.is_dir() and self.remote is not None:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self.remote.fetch(key, entry)
         if not entry.is_dir():
             events.info("cache miss", cache_key=key)
             return None
@@ -157,6 +168,8 @@ class ArtifactCache:
             events.warning(f"could not store the artifact in the cache ({exc}); the export itself succeeded")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        if self.remote is not None and entry.is_dir():
+            self.remote.upload(key, entry)
 
     def evict(self, key: str) -> None:
         """Remove an entry: rename it out of the way first, so no one sees it half deleted."""

@@ -19,7 +19,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import InvalidVersion, Version
 
-from llmopt import __version__, artifact
+from llmopt import __version__, artifact, hub
 from llmopt.architectures import ARCHITECTURES
 from llmopt._deps import install_hint, version_of
 from llmopt.errors import ArtifactError, LlmoptError
@@ -200,8 +200,9 @@ VERIFY_PROMPT = "Hello"
 
 def check_artifact(path: str | Path, run: bool = False, max_new_tokens: int = 4) -> dict[str, Any]:
     """Re-hash every file, check this machine's backend versions can load it, and with ``run``
-    load it and generate a few tokens. Raises an LlmoptError naming the first problem."""
-    path = Path(path)
+    load it and generate a few tokens. Raises an LlmoptError naming the first problem.
+    ``path``: a directory, or the Hub id of a pushed artifact (pulled once, verified)."""
+    path = hub.artifact_path(path)
     manifest = artifact.load(path, verify=True)
     runner = runner_class(manifest.target, manifest.static)
     installed = {name: version_of(name) for name in runner.backend_distributions}

@@ -29,6 +29,8 @@ class ModelSpec(Section):
     id: str = Field(description="Hugging Face Hub id, local checkpoint directory, or .gguf file")
     revision: str | None = None
     trust_remote_code: bool = False
+    adapter: str | None = Field(
+        None, description="PEFT LoRA adapter (directory or Hub id) merged into the weights before export")
 
 
 class Shapes(Section):

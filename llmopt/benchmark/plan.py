@@ -20,7 +20,7 @@ import hashlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from llmopt import artifact
+from llmopt import artifact, hub
 from llmopt.benchmark import prompts as prompt_module
 from llmopt.errors import UsageError
 from llmopt.runners.base import Speculation
@@ -150,11 +150,12 @@ def plan_subjects(config: BenchConfig) -> tuple[list[Subject], list[str], int]:
 
     notes: list[str] = []
     subjects: list[Subject] = []
-    for path in config.artifacts:
+    for spec in config.artifacts:
+        path = hub.artifact_path(spec)  # a Hub id of a pushed artifact: pulled once, verified
         manifest = artifact.read_manifest(Path(path))
         runner = runner_class(manifest.target, manifest.static)
         subject = Subject(
-            name=str(path), kind="artifact", path=str(Path(path).resolve()),
+            name=str(spec), kind="artifact", path=str(Path(path).resolve()),
             target=manifest.target + ("-static" if manifest.static else ""),
             sequence_length=manifest.sequence_length, batch_size=manifest.batch_size,
             precision=manifest.precision, weights=(manifest.quantization or {}).get("weight_format", "none"),

@@ -19,6 +19,9 @@ TargetOption = typer.Option(None, "--target", "-t", help=f"One of: {', '.join(TA
 BatchSizeOption = typer.Option(None, "--batch-size", "--batch_size", help="Pinned batch size.")
 SequenceLengthOption = typer.Option(None, "--sequence-length", "--sequence_length", help="Pinned prompt + generated tokens.")
 DtypeOption = typer.Option(None, "--dtype", help="fp32, fp16 or bf16.")
+AdapterOption = typer.Option(None, "--adapter", help="PEFT LoRA adapter (directory or Hub id) merged into the weights first.")
+CacheRepoOption = typer.Option(None, "--cache-repo", envvar="LLMOPT_CACHE_REPO",
+                               help="Hub repo shared as a compile cache (CI matrices): fetched on a miss, filled after a build.")
 StaticOption = typer.Option(None, "--static/--dynamic", help="Fully static graphs (padded prefill + one-token decode).")
 
 
@@ -36,6 +39,7 @@ def flag_overrides(
     sequence_length: Optional[int] = None,
     dtype: Optional[str] = None,
     static: Optional[bool] = None,
+    adapter: Optional[str] = None,
 ) -> dict[str, Any]:
     """The named flags as dotted recipe paths (None: not given, ignored by ``recipe.resolve``)."""
     return {
@@ -45,4 +49,5 @@ def flag_overrides(
         "shapes.sequence_length": sequence_length,
         "precision.dtype": dtype,
         "shapes.static": static,
+        "model.adapter": adapter,
     }

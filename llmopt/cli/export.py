@@ -17,6 +17,7 @@ from llmopt.errors import UsageError
 @app.command()
 def export(
     model: Optional[str] = _common.ModelOption,
+    adapter: Optional[str] = _common.AdapterOption,
     target: Optional[str] = _common.TargetOption,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact directory to create."),
     config: Optional[Path] = _common.ConfigOption,
@@ -33,10 +34,12 @@ def export(
         None, "--cache-dir", help="Compile cache (default $LLMOPT_CACHE_DIR/artifacts or ~/.cache/llmopt/artifacts)."
     ),
     no_cache: bool = typer.Option(False, "--no-cache", help="Always compile; neither read nor fill the cache."),
+    cache_repo: Optional[str] = _common.CacheRepoOption,
 ) -> None:
     """Export a checkpoint to a static-shape artifact for one target."""
     recipe = _common.resolve_recipe(config, set_items, model=model, target=target, batch_size=batch_size,
-                                    sequence_length=sequence_length, dtype=dtype, static=static)
+                                    sequence_length=sequence_length, dtype=dtype, static=static,
+                                    adapter=adapter)
     if dry_run:
         plan = api.plan(recipe)
         if json_output:
@@ -47,7 +50,7 @@ def export(
     if output is None:
         raise UsageError("-o/--output is required (the artifact directory to create)")
     cache_dir = None if no_cache else (cache_dir or cache.default_dir())
-    report = api.export(recipe, output, force=force, validate=not no_validate, cache_dir=cache_dir)
+    report = api.export(recipe, output, force=force, validate=not no_validate, cache_dir=cache_dir, cache_repo=cache_repo)
     if json_output:
         _output.print_json(report.to_dict())
         return

@@ -24,6 +24,7 @@ def quantization_overrides(**flags: Any) -> dict[str, Any]:
 def quantize(
     source: Optional[str] = typer.Argument(None, help="An fp artifact directory to quantize (keeps its shapes); or use -m."),
     model: Optional[str] = _common.ModelOption,
+    adapter: Optional[str] = _common.AdapterOption,
     target: Optional[str] = _common.TargetOption,
     output: Optional[Path] = typer.Option(None, "--output", "-o", help="Artifact directory to create."),
     config: Optional[Path] = _common.ConfigOption,
@@ -45,11 +46,13 @@ def quantize(
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and the plan; build nothing."),
     json_output: bool = typer.Option(False, "--json", help="Machine-readable result on stdout."),
     no_cache: bool = typer.Option(False, "--no-cache", help="From a model: always compile; neither read nor fill the cache."),
+    cache_repo: Optional[str] = _common.CacheRepoOption,
 ) -> None:
     """Quantize weights to int8 or int4, then measure the accuracy against the fp reference."""
     # Named flags, then the quantization flags, then --set items: the most specific wins.
     overrides = {
-        **_common.flag_overrides(model=model, target=target, batch_size=batch_size, sequence_length=sequence_length),
+        **_common.flag_overrides(model=model, target=target, batch_size=batch_size, sequence_length=sequence_length,
+                                 adapter=adapter),
         **quantization_overrides(
             weight_format=weight_format, group_size=group_size, symmetric=symmetric, ratio=ratio, awq=awq,
             scale_estimation=scale_estimation, dataset=dataset, num_samples=num_samples, algorithm=algorithm,
@@ -67,7 +70,8 @@ def quantize(
     if output is None:
         raise UsageError("-o/--output is required (the artifact directory to create)")
     report = api.quantize(output, source=source, config=config, overrides=overrides, force=force,
-                          validate=not no_validate, cache_dir=None if no_cache else cache.default_dir())
+                          validate=not no_validate, cache_dir=None if no_cache else cache.default_dir(),
+                          cache_repo=cache_repo)
     if json_output:
         _output.print_json(report.to_dict())
         return
