@@ -10,6 +10,7 @@ the request's ``model`` is only compared with the served name.
 import asyncio
 import contextlib
 import json
+import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -165,7 +166,8 @@ def build_app(artifact: str | Path, options: ServeOptions, open_runner: Callable
         served = state.get("served")
         if served is None or not served.engine.alive:
             return JSONResponse({"status": "unavailable"}, status_code=503)
-        return {"status": "ok", "model": served.name, "engine": served.engine.kind, "pending": served.engine.pending}
+        return {"status": "ok", "model": served.name, "engine": served.engine.kind, "pending": served.engine.pending,
+                "pid": os.getpid()}
 
     @app.get("/v1/models")
     async def models():
@@ -202,17 +204,14 @@ def build_app(artifact: str | Path, options: ServeOptions, open_runner: Callable
         request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
             metrics.requests.labels(route, "200").inc()
-            events = stream(served, job, body, request_id, chat)
+            events = stream(served, job, body, request_id, chat, request)
             return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         parts: list[str] = []
         try:
             while True:
-                try:
-                    kind, value = await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return Response(status_code=499)
-                    continue
+                kind, value = await next_event(job, request)
+                if kind == "gone":
+                    return Response(status_code=499)
                 if kind == "text":
                     parts.append(value)
                 elif kind == "error":
@@ -227,7 +226,16 @@ def build_app(artifact: str | Path, options: ServeOptions, open_runner: Callable
         make = protocol.chat_response if chat else protocol.completion_response
         return make(request_id, served.name, "".join(parts), value, len(job.prompt_ids), job.detokenizer.count)
 
-    async def stream(served: Served, job: Job, body, request_id: str, chat: bool):
+    async def next_event(job: Job, request) -> tuple:
+        """The job's next event, or ("gone", None) once its client has disconnected."""
+        while True:
+            try:
+                return await asyncio.wait_for(job.events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    return "gone", None
+
+    async def stream(served: Served, job: Job, body, request_id: str, chat: bool, request):
         created = int(time.time())
 
         def chunk(text: str, finish: Optional[str] = None, usage: Optional[dict] = None) -> str:
@@ -243,7 +251,9 @@ def build_app(artifact: str | Path, options: ServeOptions, open_runner: Callable
                 data = protocol.chat_chunk(request_id, served.name, created, {"role": "assistant", "content": ""})
                 yield f"data: {json.dumps(data)}\n\n"
             while True:
-                kind, value = await job.events.get()
+                kind, value = await next_event(job, request)
+                if kind == "gone":
+                    return
                 if kind == "text":
                     yield chunk(value)
                 elif kind == "error":

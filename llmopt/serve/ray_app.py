@@ -8,6 +8,7 @@ dashboard; with it, the deployment joins that cluster.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -19,6 +20,7 @@ from llmopt.serve.app import ServeOptions, build_app
 
 APP_NAME = "llmopt"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 OBJECT_STORE_BYTES = 100 * 1024 * 1024  # the replicas pass no objects: keep Ray's shared memory small
 
 
@@ -32,21 +34,28 @@ class LlmoptReplica:
         return build_app(*self._arguments)
 
 
-def start_ray(ray, host: str, ray_address: Optional[str]) -> None:
+def start_ray(host: str, ray_address: Optional[str]):
+    """Join ``ray_address``, or start a local instance: loopback-only when the server listens on loopback."""
     if ray_address is not None:
+        ray = require("ray", extra="ray")
         ray.init(address=ray_address, include_dashboard=False, log_to_driver=False)
-        return
-    node_address = "127.0.0.1" if host in LOOPBACK else None
-    ray.init(_node_ip_address=node_address, include_dashboard=False, log_to_driver=False,
+        return ray
+    local = host in LOOPBACK
+    if local:
+        # Ray resolves a node address of 127.0.0.1 to the machine's network address (and its agents listen
+        # there) unless this, read when ray is imported, says a single-machine instance is wanted.
+        os.environ[SINGLE_MACHINE_ENV] = "0"
+    ray = require("ray", extra="ray")
+    ray.init(_node_ip_address="127.0.0.1" if local else None, include_dashboard=False, log_to_driver=False,
              object_store_memory=OBJECT_STORE_BYTES)
+    return ray
 
 
 def deploy(artifact: Path, host: str, port: int, options: ServeOptions, open_runner: Callable, sampling_from: Callable,
            replicas: int, ray_address: Optional[str] = None, replica_cpus: float = 1.0):
     """Start (or join) Ray, and run the deployment; returns once every replica answers."""
-    ray = require("ray", extra="ray")
+    start_ray(host, ray_address)
     serve_module = require("ray.serve", extra="ray", package="ray[serve]")
-    start_ray(ray, host, ray_address)
     serve_module.start(http_options={"host": host, "port": port})
     wrapped = serve_module.ingress()(LlmoptReplica)
     deployment = serve_module.deployment(
