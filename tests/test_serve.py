@@ -56,7 +56,7 @@ class Server:
                 raise AssertionError(f"llmopt serve exited with {self.process.returncode}:\n{self.output()}")
             with contextlib.suppress(OSError, ValueError):
                 status, body = self.get("/health")
-                if status == 200:
+                if status == 200 and "llmopt: http://" in self.output():  # Ray: every replica is up
                     return
             time.sleep(0.5)
         self.stop()
@@ -84,9 +84,7 @@ class Server:
         return status, json.loads(body) if body.startswith(("{", "[")) else body
 
     def output(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
+        return Path(self.log.name).read_text()
 
     def stop(self, timeout: float = 60) -> int:
         if self.process.poll() is None:
@@ -96,7 +94,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        self.log.close()
+        self.log.flush()
         return self.process.returncode
 
 
@@ -318,7 +316,8 @@ def test_sigterm_drains_in_flight_requests(slow_server):
     time.sleep(0.4)  # admitted, waiting in its batch window
     slow_server.process.send_signal(signal.SIGTERM)
     thread.join(30)
-    assert slow_server.process.wait(30) == 0, slow_server.output()
+    # uvicorn re-raises the SIGTERM it handled once it has drained: the exit status says "terminated"
+    assert slow_server.process.wait(30) in (0, -signal.SIGTERM), slow_server.output()
     assert result["answer"].usage.completion_tokens >= 1
     with pytest.raises(OSError):
         slow_server.request("GET", "/health", timeout=2)
@@ -334,10 +333,14 @@ def test_two_ray_serve_replicas(onnx_artifact, onnx_server):
     server = Server(onnx_artifact, "--replicas", "2", timeout=150)
     try:
         answers: dict[int, str] = {}
+        replicas: set[str] = set()
 
         def ask(index: int) -> None:
-            answers[index] = chat(server.client(), server.name, PROMPTS[index % 4], max_tokens=8,
-                                  temperature=0).choices[0].message.content
+            raw = server.client().chat.completions.with_raw_response.create(
+                model=server.name, messages=[{"role": "user", "content": PROMPTS[index % 4]}], max_tokens=8,
+                temperature=0)
+            replicas.add(raw.headers["x-llmopt-replica"])
+            answers[index] = raw.parse().choices[0].message.content
 
         threads = [threading.Thread(target=ask, args=(index,)) for index in range(8)]
         for thread in threads:
@@ -348,11 +351,10 @@ def test_two_ray_serve_replicas(onnx_artifact, onnx_server):
                                                                      for index in range(8)}
         streamed = list(chat(server.client(), server.name, PROMPTS[1], max_tokens=8, temperature=0, stream=True))
         assert "".join(chunk.choices[0].delta.content or "" for chunk in streamed) == expected[PROMPTS[1]]
-        replicas = {server.get("/health")[1]["pid"] for _ in range(30)}
-        assert len(replicas) == 2, replicas
+        assert len(replicas) == 2, replicas  # both replicas answered
         assert "on 2 Ray Serve replicas" in server.output()
     finally:
-        assert server.stop(90) == 0, server.output()
+        assert server.stop(90) in (0, -signal.SIGTERM), server.output()
 
 
 # -- the CLI ----------------------------------------------------------------------------------------------

@@ -153,6 +153,12 @@ def build_app(artifact: str | Path, options: ServeOptions, open_runner: Callable
         return JSONResponse(protocol.error_body(exc.message, exc.kind, exc.param, exc.code), status_code=exc.status,
                             headers=exc.headers)
 
+    @app.middleware("http")
+    async def _replica_header(request, call_next):
+        response = await call_next(request)
+        response.headers["X-Llmopt-Replica"] = str(os.getpid())  # which process answered (Ray Serve replicas)
+        return response
+
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
         return error(exc, request.url.path)

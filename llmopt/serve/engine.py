@@ -14,7 +14,6 @@ jobs is finished or gone.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import itertools
 import logging

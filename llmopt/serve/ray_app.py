@@ -83,10 +83,11 @@ def shutdown() -> None:
 def serve(artifact: Path, host: str, port: int, options: ServeOptions, open_runner: Callable, sampling_from: Callable,
           replicas: int, ray_address: Optional[str] = None, on_ready: Optional[Callable[[str], None]] = None) -> None:
     """Deploy and block until SIGTERM or Ctrl-C, then drain and shut Ray Serve down."""
+    deploy(artifact, host, port, options, open_runner, sampling_from, replicas, ray_address)
     stop = threading.Event()
+    # After ray.init, whose own handler would end the driver at once without draining the replicas.
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        deploy(artifact, host, port, options, open_runner, sampling_from, replicas, ray_address)
         if on_ready is not None:
             on_ready(f"http://{host}:{port}/v1 serving {options.model_name or artifact.resolve().name} "
                      f"on {replicas} Ray Serve replicas")
