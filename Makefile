@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints-cpu.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[onnx,openvino,modelopt,adapters,hub,bench,dev]'
+	$(PY) -m pip install -q -c constraints-cpu.txt -e '.[onnx,openvino,modelopt,adapters,hub,bench,serve,ray,dev]'
 	touch $@
 
 model: $(MODEL)/config.json

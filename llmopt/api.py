@@ -259,6 +259,18 @@ def run(path: str | Path, prompts: list[str], chat: bool = True, on_text=None, s
         runner.close()
 
 
+def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, replicas: int | None = None,
+          ray_address: str | None = None, drain_timeout_s: float = 30.0, on_ready=None, **options: Any) -> None:
+    """Serve an artifact over OpenAI's HTTP API until SIGTERM: uvicorn here, or ``replicas`` Ray Serve replicas.
+
+    ``options``: the fields of ``llmopt.serve.app.ServeOptions`` (model_name, capacity, batch_window_ms, continuous)."""
+    from llmopt.serve import server
+    from llmopt.serve.app import ServeOptions
+
+    server.serve(path, host, port, ServeOptions(**options), open_runner, sampling_from, replicas=replicas,
+                 ray_address=ray_address, drain_timeout_s=drain_timeout_s, on_ready=on_ready)
+
+
 def bench(config, on_event=None):
     """Artifacts and PyTorch baselines side by side, each in a fresh process: a ``llmopt.benchmark.BenchResult``
     (``config`` is a ``llmopt.benchmark.BenchConfig``)."""

@@ -42,7 +42,7 @@ def _global(
 def _register_commands() -> None:
     from llmopt.cli import export, run  # noqa: F401  (each module adds its command to ``app``)
 
-    for optional in ("quantize", "bench", "inspect", "doctor", "hub"):
+    for optional in ("quantize", "bench", "inspect", "doctor", "hub", "serve"):
         try:
             __import__(f"llmopt.cli.{optional}")
         except ModuleNotFoundError as exc:
