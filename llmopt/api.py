@@ -230,12 +230,22 @@ def open_runner(path: str | Path, verify: bool = True, **options) -> Runner:
     return runner_class(manifest.target, manifest.static).load(path, verify=verify, **options)
 
 
-def sampling_from(manifest: Manifest | None, **overrides: Any) -> SamplingConfig:
-    """The artifact's recipe generation defaults, with the non-None overrides applied."""
-    defaults = dict((manifest.recipe.get("generation") or {}) if manifest else {})
-    defaults.update({key: value for key, value in overrides.items() if value is not None})
+def sampling_from(manifest: Manifest | None, directory: Path | None = None, penalty: bool = True,
+                  **overrides: Any) -> SamplingConfig:
+    """How ``run`` samples, each source over the one before: llmopt's chat defaults, the checkpoint's
+    generation_config.json (carried in the artifact ``directory``), the recipe's generation section, then
+    the non-None ``overrides`` (run's flags). ``temperature=0`` is greedy, and plain greedy unless a penalty
+    is asked for. ``penalty``: whether the runner applies one (the chat default's is left out where not)."""
+    settings = dict(generation.CHAT_DEFAULTS)
+    given: dict[str, Any] = dict(generation.checkpoint_sampling(directory)) if directory is not None else {}
+    recipe = (manifest.recipe.get("generation") or {}) if manifest else {}
+    given.update({key: value for key, value in recipe.items() if value is not None})
+    given.update({key: value for key, value in overrides.items() if value is not None})
+    settings.update(given)
+    if "repetition_penalty" not in given and (not penalty or settings["temperature"] == 0):
+        settings["repetition_penalty"] = 1.0  # the chat default's penalty goes with its sampling only
     known = SamplingConfig.__dataclass_fields__
-    return SamplingConfig(**{key: value for key, value in defaults.items() if key in known})
+    return SamplingConfig(**{key: value for key, value in settings.items() if key in known})
 
 
 def run(path: str | Path, prompts: list[str], chat: bool = True, on_text=None, speculation: Speculation | None = None,
@@ -252,9 +262,12 @@ def run(path: str | Path, prompts: list[str], chat: bool = True, on_text=None, s
     try:
         if speculation is not None:
             runner.set_speculation(speculation)
-        sampling = sampling_from(runner.manifest, **sampling_overrides)
+        sampling = sampling_from(runner.manifest, runner.path, runner.repetition_penalty, **sampling_overrides)
         with backend_errors("generate", runtime, model_type):
-            return generation.generate(runner, prompts, sampling, chat=chat, on_text=on_text)
+            results = generation.generate(runner, prompts, sampling, chat=chat, on_text=on_text)
+        for result in results:
+            result.sampling = generation.describe(sampling)
+        return results
     finally:
         runner.close()
 

@@ -9,7 +9,7 @@ validation, so the resolved recipe is the single source of truth stored in every
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -131,12 +131,15 @@ class TensorRTOptions(Section):
 
 
 class Generation(Section):
-    max_new_tokens: int = Field(128, ge=1)
-    temperature: float = Field(0.0, ge=0.0, le=100.0, description="0 means greedy")
-    top_k: int = Field(50, ge=0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    seed: int = 0
+    """``run``'s defaults. Unset fields come from the checkpoint's generation_config.json, else from
+    llmopt's chat defaults (``llmopt.generation.CHAT_DEFAULTS``); run flags override both."""
+
+    max_new_tokens: Optional[int] = Field(None, ge=1)
+    temperature: Optional[float] = Field(None, ge=0.0, le=100.0, description="0 means greedy")
+    top_k: Optional[int] = Field(None, ge=0)
+    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    repetition_penalty: Optional[float] = Field(None, gt=0.0)
+    seed: Optional[int] = None
 
 
 class Validation(Section):
@@ -165,13 +168,6 @@ class Recipe(Section):
         if value not in TARGETS:
             raise ValueError(f"unknown target '{value}'; accepted: {', '.join(TARGETS)}")
         return value
-
-    @model_validator(mode="after")
-    def _fits(self) -> "Recipe":
-        if self.generation.max_new_tokens >= self.shapes.sequence_length:
-            # Not an error: generation stops at sequence_length; but the default must make sense.
-            pass
-        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -17,7 +17,7 @@ def test_defaults_fill_every_section():
     assert recipe.shapes.batch_size == 1
     assert recipe.precision.dtype == "fp32"
     assert recipe.quantization.weight_format == "none"
-    assert recipe.generation.temperature == 0.0
+    assert recipe.generation.temperature is None  # unset: the checkpoint's generation_config.json decides at run time
 
 
 def test_flags_override_file_field_by_field(tmp_path):

@@ -45,7 +45,8 @@ def run(
     prompts: list[str] = typer.Argument(None, help="One or more prompts."),
     prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="Prompts: text (one per line) or JSONL."),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "--max_new_tokens", min=1),
-    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="0 means greedy."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0.0, help="0 means greedy. Unset: the "
+                                                "checkpoint's generation_config.json, else 0.7 (top-p 0.9, seed 0)."),
     top_k: Optional[int] = typer.Option(None, "--top-k", "--top_k", min=0),
     top_p: Optional[float] = typer.Option(None, "--top-p", "--top_p", min=0.0, max=1.0),
     seed: Optional[int] = typer.Option(None, "--seed"),
@@ -91,5 +92,6 @@ def run(
         if not json_output:
             sys.stderr.write(
                 f"[{result.prompt_tokens} prompt tokens, {len(result.token_ids)} generated, "
-                f"ttft {result.ttft_ms:.0f} ms, {result.tokens_per_s:.1f} tokens/s, finish: {result.finish_reason}]\n"
+                f"ttft {result.ttft_ms:.0f} ms, {result.tokens_per_s:.1f} tokens/s, finish: {result.finish_reason}, "
+                f"{result.sampling}]\n"
             )

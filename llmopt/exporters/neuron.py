@@ -138,9 +138,9 @@ class NeuronExporter(Exporter):
                 f"recipe field 'quantization.kv_cache': {quantization.kv_cache} is not available on the neuron target; "
                 "the KV cache takes precision.dtype (leave it auto)"
             )
-        if recipe.generation.repetition_penalty != 1.0:
+        if recipe.generation.repetition_penalty not in (None, 1.0):
             raise RecipeError(REPETITION_PENALTY_REFUSED.format(where="recipe field 'generation.repetition_penalty'"))
-        if not 1 <= recipe.generation.top_k <= NEURON_MAX_TOP_K:
+        if recipe.generation.top_k is not None and not 1 <= recipe.generation.top_k <= NEURON_MAX_TOP_K:
             raise RecipeError(NEURON_TOP_K_REFUSED.format(where="recipe field 'generation.top_k'",
                                                           value=recipe.generation.top_k))
         cores, instance = resolve_cores(recipe)

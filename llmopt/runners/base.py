@@ -127,6 +127,8 @@ class Runner(ABC):
     backend_distributions: ClassVar[tuple[str, ...]] = ()
     # The runtime that executes the artifact, named when it fails.
     runtime: ClassVar[str] = ""
+    # Whether generate applies SamplingConfig.repetition_penalty.
+    repetition_penalty: ClassVar[bool] = True
     # Speculative decoding methods this runner implements (see ``Speculation``), at batch size 1.
     speculation_methods: ClassVar[tuple[str, ...]] = ()
 

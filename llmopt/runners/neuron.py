@@ -46,6 +46,7 @@ class NeuronRunner(Runner):
     extra = "neuron"
     backend_distributions = ("optimum-neuron", "neuronx-cc")
     runtime = "optimum-neuron"
+    repetition_penalty = False  # on-device sampling has none: a penalty is refused, not ignored
 
     def __init__(self, path: Path, batch_size: int, sequence_length: int, manifest=None):
         super().__init__(path, batch_size, sequence_length, manifest)

@@ -54,9 +54,14 @@ class Served:
     def __init__(self, artifact: Path, options: ServeOptions, open_runner: Callable, sampling_from: Callable):
         self.runner = open_runner(artifact)
         self.tokenizer = self.runner.tokenizer
-        self.defaults = sampling_from(self.runner.manifest)
+        self._sampling_from = sampling_from
+        self.defaults = self.sampling(**{})
         self.engine = open_engine(self.runner, options)
         self.name = options.model_name or artifact.resolve().name
+
+    def sampling(self, **overrides):
+        """The artifact's sampling defaults (as ``llmopt run`` resolves them) under a request's fields."""
+        return self._sampling_from(self.runner.manifest, self.runner.path, self.runner.repetition_penalty, **overrides)
 
     def close(self) -> None:
         self.engine.stop()
@@ -88,7 +93,7 @@ class Served:
         for name in ("temperature", "top_p", "seed"):
             if getattr(body, name) is not None:
                 overrides[name] = getattr(body, name)
-        sampling = replace(self.defaults, **overrides)
+        sampling = self.sampling(**overrides)
         detokenizer = Detokenizer(self.tokenizer, runner.eos_token_ids, body.stops, sampling.max_new_tokens)
         return Job(prompt_ids, sampling, detokenizer, seeded=body.seed is not None,
                    loop=asyncio.get_running_loop(), events=asyncio.Queue())
