@@ -157,6 +157,7 @@ def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bo
     recipe = quantization.with_default_thresholds(recipe)  # per-format thresholds the user did not set
     exporter = make_exporter(recipe)
     artifact.check_output_free(output, force)
+    sources.check_local(recipe.model.id)  # a refused architecture or vocabulary costs no backend import
     exporter.preflight(recipe)
     with events.step("resolve", f"resolving model {recipe.model.id}"):
         checkpoint = sources.resolve_model(recipe.model.id, recipe.model.revision, recipe.model.trust_remote_code)

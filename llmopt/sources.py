@@ -69,6 +69,15 @@ def resolve_model(spec_id: str, revision: str | None, trust_remote_code: bool,
     return _checkpoint_dir(_download_from_hub(spec_id, revision, trust_remote_code))
 
 
+def check_local(spec_id: str) -> None:
+    """What can be refused about a local checkpoint or GGUF file from its config or header alone."""
+    path = Path(spec_id).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        check_architecture(path)
+    elif path.is_file() and path.suffix.lower() == ".gguf":
+        check_gguf(path)
+
+
 def _looks_local(spec_id: str) -> bool:
     # Not simply "contains os.sep": on POSIX that would catch every "org/name" Hub id.
     return (
