@@ -162,6 +162,14 @@ def test_fp16_artifact_stores_fp16_weights_and_validates(untied_llama, build_art
     assert weights and all(op.get_element_type() == ov.Type.f16 for op in weights)
 
 
+def test_bf16_artifact_is_traced_in_bf16_and_validates(untied_llama, build_artifact):
+    """optimum-intel reads ``torch_dtype`` (not transformers' newer ``dtype``) to set up 16-bit tracing."""
+    path = export(build_artifact, untied_llama, batch_size=1, sequence_length=64, **{"precision.dtype": "bf16"})
+    manifest = artifact.read_manifest(path)
+    assert manifest.precision == "bf16" and manifest.validation["passed"]
+    assert manifest.runtime["ov_config"]["INFERENCE_PRECISION_HINT"] == "bf16"
+
+
 def test_artifact_loads_in_plain_openvino_genai(untied_b4, untied_llama):  
     # With no properties at all it runs a string through its own tokenizer and chat template; with
     # the manifest's properties, a single row of token ids (the pinned batch does not bind genai).

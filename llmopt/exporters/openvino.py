@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from llmopt import events
-from llmopt._deps import dtype_keyword, require
+from llmopt._deps import require
 from llmopt.errors import LlmoptError, RecipeError
 from llmopt.exporters.base import Exporter, ExportResult
 from llmopt.recipe import Recipe
@@ -93,7 +93,7 @@ class OpenVINOExporter(Exporter):
                 "task": TASK,
                 "stateful": True,
                 "ov_config": {"dtype": OPTIMUM_DTYPES[dtype], "quantization_config": None},
-                "model_loading_kwargs": {dtype_keyword(): TRACE_DTYPES[dtype]},
+                "model_loading_kwargs": {"torch_dtype": TRACE_DTYPES[dtype]},
                 "local_files_only": True,
                 "trust_remote_code": recipe.model.trust_remote_code,
                 "weights": "no compression (an explicit ov_config turns off optimum-intel's int8 default above 1B parameters)",
@@ -218,7 +218,8 @@ def run_optimum_export(recipe: Recipe, checkpoint: Path, output: Path) -> None:
             stateful=True,
             # An explicit OVConfig with no quantization_config: optimum-intel then skips its int8 default.
             ov_config=configuration.OVConfig(dtype=OPTIMUM_DTYPES[dtype]),
-            model_loading_kwargs={dtype_keyword(): getattr(torch, TRACE_DTYPES[dtype])},
+            # optimum-intel 1.27 reads torch_dtype (not dtype) to set up its 16-bit tracing.
+            model_loading_kwargs={"torch_dtype": getattr(torch, TRACE_DTYPES[dtype])},
             local_files_only=True,
             trust_remote_code=recipe.model.trust_remote_code,
             library_name="transformers",
