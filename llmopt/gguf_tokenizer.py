@@ -121,7 +121,7 @@ def sentencepiece_merges(tokens: list[str], scores: list[float]) -> list[tuple[s
 
 
 def sentencepiece_tokenizer(meta: dict[str, Any]):
-    """A LlamaTokenizerFast that tokenizes a GGUF SentencePiece vocabulary as llama.cpp does.
+    """A LlamaTokenizerFast (GemmaTokenizerFast without a space prefix) that tokenizes a GGUF SentencePiece vocabulary as llama.cpp does.
 
     What transformers' converter gets wrong, and what is done here instead:
     - merges: built in O(vocab^2) and ordered by the scores of their halves within a piece;
@@ -136,7 +136,7 @@ def sentencepiece_tokenizer(meta: dict[str, Any]):
     - fuse_unk: on; llama.cpp emits one unknown token per character.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
-    from transformers import LlamaTokenizerFast
+    from transformers import GemmaTokenizerFast, LlamaTokenizerFast
 
     tokens, scores, types = list(meta["tokens"]), [float(s) for s in meta["scores"]], list(meta["token_type"])
     unk_id = meta.get("unknown_token_id")
@@ -157,7 +157,9 @@ def sentencepiece_tokenizer(meta: dict[str, Any]):
     def token(key: str) -> str | None:
         return tokens[int(meta[key])] if meta.get(key) is not None else None
 
-    return LlamaTokenizerFast(
+    # The class name tells the runtimes' tokenizers (onnxruntime-extensions) whether a space prefix is added.
+    tokenizer_class = LlamaTokenizerFast if add_space_prefix else GemmaTokenizerFast
+    return tokenizer_class(
         tokenizer_object=tokenizer,
         bos_token=token("bos_token_id"),
         eos_token=token("eos_token_id"),
@@ -165,7 +167,7 @@ def sentencepiece_tokenizer(meta: dict[str, Any]):
         pad_token=token("padding_token_id") or token("eos_token_id"),
         add_bos_token=_flag(meta, "add_bos_token", True),
         add_eos_token=_flag(meta, "add_eos_token", False),
-        legacy=False,
+        **({"legacy": False} if add_space_prefix else {}),
         clean_up_tokenization_spaces=False,
         model_max_length=int(meta.get("context_length") or 8192),
         chat_template=meta.get("chat_template"),

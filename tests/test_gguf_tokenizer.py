@@ -20,6 +20,8 @@ from llmopt.errors import UsageError
 from tests.gguf_files import CONTROL, USER_DEFINED, sentencepiece_ggufs, write_llama_gguf
 from tests.test_sources import SPACES_BEFORE_DIGIT, _dummy_genai_dir
 
+CODE = "def f(x):\n    return {'a': x**2}  # code\n"
+BYTE_TOKEN_AS_TEXT = "<unk> and <0x41> as text"
 PLAIN_TEXTS = [
     "Hello world",
     "digits 3.14159 and 2024, 1234567890",
@@ -29,16 +31,30 @@ PLAIN_TEXTS = [
     "Héllo wörld, naïve café — crème brûlée, Zürich",
     "東京は日本の首都です。中文测试 서울은 한국",
     "emoji 🤖🚀 and 👍🏽 ✨",
-    "def f(x):\n    return {'a': x**2}  # code\n",
+    CODE,
 ]
 SPECIAL_TEXTS = [
     "<s>special</s> as text",
     f"{CONTROL[0]}user\nhi{CONTROL[1]}\n{CONTROL[0]}model\n",
     f"a  {USER_DEFINED[0]}  b{USER_DEFINED[1]}c",
-    "<unk> and <0x41> as text",
+    BYTE_TOKEN_AS_TEXT,
 ]
 TEXTS = PLAIN_TEXTS + SPECIAL_TEXTS + ["", " "]
 FLAVOURS = ["llama", "gemma"]  # Llama-style: space prefix, BOS; Gemma-style: no prefix, BOS and EOS
+
+
+def runtime_cases(known: dict[tuple[str, str], str]) -> list:
+    """(flavour, text) for the runtimes' tokenizers; ``known`` maps a case to the runtime's own deviation."""
+    return [pytest.param(flavour, text, marks=[pytest.mark.xfail(reason=known[flavour, text], strict=True)]
+                         if (flavour, text) in known else [])
+            for flavour in FLAVOURS for text in PLAIN_TEXTS + SPECIAL_TEXTS]
+
+
+# openvino-tokenizers turns the text "<0x41>" into the byte token <0x41> (llama.cpp and HF spell it out).
+OPENVINO_KNOWN = {(flavour, BYTE_TOKEN_AS_TEXT): "openvino-tokenizers reads '<0x41>' in text as a byte token"
+                  for flavour in FLAVOURS}
+# onnxruntime-extensions splits a run of spaces after a newline differently when a space prefix is added.
+GENAI_KNOWN = {("llama", CODE): "onnxruntime-extensions splits space runs after a newline on its own"}
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +147,7 @@ def openvino_tokenizers(hf_tokenizers):
 
 
 @pytest.mark.openvino
-@pytest.mark.parametrize("flavour", FLAVOURS)
-@pytest.mark.parametrize("text", PLAIN_TEXTS + SPECIAL_TEXTS)
+@pytest.mark.parametrize("flavour, text", runtime_cases(OPENVINO_KNOWN))
 def test_sentencepiece_through_openvino_tokenizers(openvino_tokenizers, hf_tokenizers, flavour, text):
     assert openvino_tokenizers[flavour]([text])["input_ids"][0].tolist() == hf_tokenizers[flavour].encode(text)
 
@@ -146,10 +161,10 @@ def genai_tokenizers(converted, tmp_path_factory):
 
 
 @pytest.mark.onnx
-@pytest.mark.parametrize("flavour", FLAVOURS)
-@pytest.mark.parametrize("text", PLAIN_TEXTS + SPECIAL_TEXTS)
+@pytest.mark.parametrize("flavour, text", runtime_cases(GENAI_KNOWN))
 def test_sentencepiece_through_onnxruntime_genai(genai_tokenizers, hf_tokenizers, flavour, text):
-    assert genai_tokenizers[flavour].encode(text).tolist() == hf_tokenizers[flavour].encode(text)
+    # og.Tokenizer.encode adds no BOS/EOS (onnxruntime-genai's generator does not expect them there).
+    assert genai_tokenizers[flavour].encode(text).tolist() == hf_tokenizers[flavour].encode(text, add_special_tokens=False)
 
 
 # --------------------------------------------------------------------------- refused files cost under a second
@@ -192,19 +207,26 @@ def test_a_sentencepiece_gguf_exports_and_generates(ggufs, tmp_path, monkeypatch
 # --------------------------------------------------------------------------- byte-level BPE, the real SmolLM2 GGUF
 
 
+SMOLLM2_GGUF = Path(__file__).resolve().parents[1] / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 @pytest.fixture(scope="module")
-def smollm2_gguf_vocab(smollm2):
+def smollm2_gguf(tmp_path_factory):
+    """The real SmolLM2 GGUF's tokenizer, converted here by this code (not the weights), and llama.cpp's."""
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed: make install-peer")
-    gguf = smollm2.parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not gguf.is_file() or not sources.is_converted(smollm2):
-        pytest.skip(f"{gguf} or its conversion is missing or stale: rerun scripts/prepare_model.py")
-    return llama_cpp.Llama(model_path=str(gguf), vocab_only=True, verbose=False)
+    if not SMOLLM2_GGUF.is_file():
+        pytest.skip(f"{SMOLLM2_GGUF} is missing: run `make model`")
+    from transformers import AutoTokenizer
+
+    raw = AutoTokenizer.from_pretrained(SMOLLM2_GGUF.parent, gguf_file=SMOLLM2_GGUF.name)
+    directory = tmp_path_factory.mktemp("smollm2-tokenizer")
+    sources.fix_gguf_tokenizer(raw, sources._gguf_metadata(SMOLLM2_GGUF, vocabulary=True)).save_pretrained(directory)
+    return (AutoTokenizer.from_pretrained(directory),
+            llama_cpp.Llama(model_path=str(SMOLLM2_GGUF), vocab_only=True, verbose=False))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("text", [*TEXTS, "<|im_start|>user\nhi<|im_end|>\n", SPACES_BEFORE_DIGIT.values[0]])
-def test_smollm2_byte_level_bpe_encodes_as_llama_cpp(smollm2, smollm2_gguf_vocab, text):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2)
-    assert tokenizer.encode(text) == llama_cpp_ids(smollm2_gguf_vocab, text)
+def test_smollm2_byte_level_bpe_encodes_as_llama_cpp(smollm2_gguf, text):
+    tokenizer, vocab = smollm2_gguf
+    assert tokenizer.encode(text) == llama_cpp_ids(vocab, text)
