@@ -217,7 +217,7 @@ def test_a_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
         raise RuntimeError("killed mid-conversion")
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", boom)
-    monkeypatch.setattr(sources, "_gguf_metadata", lambda path: {"architecture": "llama", "model": "gpt2"})
+    monkeypatch.setattr(sources, "_gguf_metadata", lambda path, **kwargs: {"architecture": "llama", "model": "gpt2"})
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     with pytest.raises(LlmoptError, match="convert-gguf failed in transformers' GGUF loader for model_type 'llama'"
                                           ".*killed mid-conversion"):
