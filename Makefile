@@ -41,10 +41,12 @@ test-fast: install
 bench: install model
 	$(PY) bench/run_all.py
 
-# llama.cpp as the bench's peer (bench/llamacpp_peer.py): compiles llama.cpp from source, ~10 min on 2 cores.
-# Not part of install or CI; make bench adds its rows when it is there.
+# llama.cpp (llama-cpp-python): the bench's peer (bench/llamacpp_peer.py) and the tokenizer reference of
+# tests/test_gguf_tokenizer.py. Compiles llama.cpp from source (CI runs it while `make model` does);
+# no multimodal (llava/mtmd) library and no curl, which it needs for neither.
+PEER_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAMA_CURL=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
 install-peer: install
-	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_CURL=OFF" $(PY) -m pip install -q llama-cpp-python==0.3.36
+	CMAKE_ARGS="$(PEER_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install -q llama-cpp-python==0.3.36
 
 # Separate environments: these stacks pin their own optimum/transformers and cannot share the CPU set.
 # optimum-neuron 0.4.5 takes Python 3.10 or 3.11.

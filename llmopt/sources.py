@@ -20,6 +20,7 @@ from typing import Any, Iterator
 from llmopt import events
 from llmopt.architectures import ARCHITECTURES, GGUF_ARCHITECTURES
 from llmopt._deps import require
+from llmopt.gguf_tokenizer import GGUF_VOCABULARIES, fix_gguf_tokenizer
 from llmopt.errors import ArtifactError, LlmoptError, UsageError, backend_errors, first_line
 
 
@@ -29,21 +30,10 @@ HUB_TIMEOUT_S = 10.0
 # Written last into a converted GGUF checkpoint; bump FIX_VERSION when the tokenizer fixes change
 # so that cached conversions made by older code are redone.
 CONVERTED_MARKER = "llmopt_source.json"
-FIX_VERSION = 1
+FIX_VERSION = 2
 
 # Files a checkpoint needs from the Hub; *.py only with trust_remote_code, *.bin only as a fallback.
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
-
-# GGUF tokenizer.ggml.model values llmopt converts.
-GGUF_VOCABULARIES = {"gpt2": "byte-level BPE", "llama": "SentencePiece"}
-
-# The original SmolLM2 / GPT-2 style byte-level BPE pipeline. llama.cpp names SmolLM2's
-# pre-tokenizer "smollm" (split off every digit, then the GPT-2 regex, like StarCoder); the GGUF
-# converter drops the digit split. Other pre-tokenizer names keep what the converter produced.
-_BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
-_DIGITS = {"type": "Digits", "individual_digits": True}
-_DIGIT_SPLITTING_PRE = {"smollm", "starcoder"}
-
 
 # --------------------------------------------------------------------------- resolve_model
 
@@ -265,7 +255,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     torch = require("torch", extra="pytorch")
     transformers = require("transformers", extra="pytorch")
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    meta = _gguf_metadata(gguf_path)
+    meta = _gguf_metadata(gguf_path, vocabulary=True)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the checkpoint is meant to be shared
@@ -273,7 +263,10 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
         with events.step("convert-gguf", f"converting {gguf_path.name} into {out_dir}"), \
                 backend_errors("convert-gguf", "transformers' GGUF loader", meta.get("architecture")):
             kwargs = dict(gguf_file=gguf_path.name)
-            raw_tokenizer = transformers.AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+            # A SentencePiece vocabulary is rebuilt from the GGUF alone: transformers' tokenizer is
+            # not loaded (its merges take minutes to build for a 32k vocabulary, and are wrong).
+            raw_tokenizer = None if meta.get("model") == "llama" else \
+                transformers.AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
             model = transformers.AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
             tokenizer = fix_gguf_tokenizer(raw_tokenizer, meta)
             _align_special_ids(model, tokenizer)
@@ -289,8 +282,11 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     return out_dir
 
 
-def _gguf_metadata(gguf_path: Path) -> dict[str, Any]:
-    """The GGUF's tokenizer settings that the converter drops or misreads, plus the context length."""
+def _gguf_metadata(gguf_path: Path, vocabulary: bool = False) -> dict[str, Any]:
+    """The GGUF's tokenizer settings that the converter drops or misreads, plus the context length.
+
+    With ``vocabulary``, also the tokens, scores and token types, and the chat template.
+    """
     from gguf import GGUFReader
 
     try:
@@ -303,59 +299,13 @@ def _gguf_metadata(gguf_path: Path) -> dict[str, Any]:
 
     keys = ("model", "pre", "add_bos_token", "add_eos_token", "add_space_prefix", "bos_token_id", "eos_token_id",
             "padding_token_id", "unknown_token_id")
+    if vocabulary:
+        keys += ("tokens", "scores", "token_type")
     meta = {key: value(f"tokenizer.ggml.{key}") for key in keys}
+    meta["chat_template"] = value("tokenizer.chat_template")
     meta["architecture"] = value("general.architecture")
     meta["context_length"] = value(f"{meta['architecture']}.context_length")
     return meta
-
-
-def fix_gguf_tokenizer(raw, meta: dict[str, Any]):
-    """Rebuild what transformers' GGUF converter gets wrong for a GPT-2 style (byte-level BPE) vocab.
-
-    ``raw`` is the tokenizer transformers loads from the GGUF; ``meta`` holds the GGUF's
-    ``tokenizer.ggml.*`` values (keys without that prefix) and ``context_length``. The converter
-    treats every Llama GGUF as SentencePiece: it chains ByteFallback/Fuse/Replace in front of the
-    ByteLevel decoder, turns byte_fallback on, drops the digit split, makes the BOS token the EOS
-    token, and adds a BOS to every encode whatever the GGUF's add_bos_token says. Returns a
-    GPT2TokenizerFast with the original pipeline, special tokens and chat template.
-    """
-    from tokenizers import Tokenizer, processors
-    from transformers import GPT2TokenizerFast
-
-    if meta.get("model") != "gpt2":
-        raise UsageError(f"GGUF tokenizer model '{meta.get('model')}' is not supported "
-                         "(only byte-level BPE 'gpt2' vocabularies are converted)")
-
-    def token(key: str) -> str | None:
-        token_id = meta.get(key)
-        return raw.convert_ids_to_tokens(int(token_id)) if token_id is not None else None
-
-    bos, eos = token("bos_token_id"), token("eos_token_id")
-    spec = json.loads(raw.backend_tokenizer.to_str())
-    spec["normalizer"] = None
-    if meta.get("pre") in _DIGIT_SPLITTING_PRE:
-        spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [_DIGITS, _BYTE_LEVEL]}
-    # The ByteLevel processor adds no tokens; a template adds the BOS only where the GGUF asks.
-    spec["post_processor"] = {**_BYTE_LEVEL, "add_prefix_space": True, "trim_offsets": False}
-    if meta.get("add_bos_token") and bos is not None:
-        template = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                 special_tokens=[(bos, int(meta["bos_token_id"]))])
-        spec["post_processor"] = json.loads(template.__getstate__())
-    spec["decoder"] = {**_BYTE_LEVEL, "add_prefix_space": True}
-    # Byte-level vocabularies cover all 256 bytes: no <0xNN> fallback tokens and no unknown token.
-    spec["model"].update(byte_fallback=False, fuse_unk=False, unk_token=None)
-
-    return GPT2TokenizerFast(
-        tokenizer_object=Tokenizer.from_str(json.dumps(spec)),
-        bos_token=bos,
-        eos_token=eos,
-        pad_token=token("padding_token_id") or eos,
-        unk_token=token("unknown_token_id"),
-        add_prefix_space=False,
-        clean_up_tokenization_spaces=False,  # else decode() rewrites " ," and " 's"
-        model_max_length=int(meta.get("context_length") or 8192),
-        chat_template=raw.chat_template,
-    )
 
 
 def _align_special_ids(model, tokenizer) -> None:

@@ -217,7 +217,7 @@ def test_a_failed_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
         raise RuntimeError("killed mid-conversion")
 
     monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", boom)
-    monkeypatch.setattr(sources, "_gguf_metadata", lambda path: {"architecture": "llama", "model": "gpt2"})
+    monkeypatch.setattr(sources, "_gguf_metadata", lambda path, **kwargs: {"architecture": "llama", "model": "gpt2"})
     (tmp_path / "m.gguf").write_bytes(b"GGUF")
     with pytest.raises(LlmoptError, match="convert-gguf failed in transformers' GGUF loader for model_type 'llama'"
                                           ".*killed mid-conversion"):
@@ -268,9 +268,9 @@ def test_fix_gguf_tokenizer_on_a_tiny_vocab(broken_tokenizer):
     assert [p["type"] for p in spec["pre_tokenizer"]["pretokenizers"]] == ["Digits", "ByteLevel"]
 
 
-def test_fix_gguf_tokenizer_refuses_sentencepiece_vocabularies(broken_tokenizer):
-    with pytest.raises(UsageError, match="'llama'"):
-        sources.fix_gguf_tokenizer(broken_tokenizer, {**GGUF_META, "model": "llama"})
+def test_fix_gguf_tokenizer_refuses_other_vocabularies(broken_tokenizer):
+    with pytest.raises(UsageError, match="'bert' is not supported .*llama \\(SentencePiece\\)"):
+        sources.fix_gguf_tokenizer(broken_tokenizer, {**GGUF_META, "model": "bert"})
 
 
 def test_fix_gguf_tokenizer_adds_bos_only_when_the_gguf_asks(broken_tokenizer):
