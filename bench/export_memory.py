@@ -153,7 +153,8 @@ def measure(source: Path, checkpoint: Path, target: str, dtype: str, python: str
             validate: bool = True) -> dict:
     """One ``llmopt export`` in a fresh process, importing llmopt from ``source``."""
     output = workdir / f"{target}-{dtype}"
-    command = [python, "-c", "import sys; from llmopt.cli.main import entry; sys.argv[0] = 'llmopt'; sys.exit(entry())",
+    # -P: the working directory's llmopt must not shadow the one PYTHONPATH names
+    command = [python, "-P", "-c", "import sys; from llmopt.cli.main import entry; sys.argv[0] = 'llmopt'; sys.exit(entry())",
                "--log-format", "json", "export", "-m", str(checkpoint), "-t", target, "--dtype", dtype,
                "-o", str(output), "--force", "--no-cache", "--json", *OPEN_THRESHOLDS]
     if not validate:
@@ -161,7 +162,7 @@ def measure(source: Path, checkpoint: Path, target: str, dtype: str, python: str
     env = {**os.environ, "PYTHONPATH": str(source), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.pop("LLMOPT_DEBUG", None)
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     sampler = TreeSampler(process.pid)
     sampler.start()
     stderr_lines: list[str] = []
