@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from llmopt import adapters, artifact, cache, events, generation, hub, hub_cache, sources, validation
+from llmopt import adapters, artifact, cache, events, generation, hub, hub_cache, memory, sources, validation
 from llmopt import quantize as quantization
 from llmopt import recipe as recipe_module
 from llmopt._deps import version_of
@@ -110,13 +110,9 @@ def new_manifest(recipe: Recipe, exporter: Exporter, checkpoint: Path, result) -
 
 def validate_against_pytorch(recipe: Recipe, checkpoint: Path, workdir: Path, manifest: Manifest) -> dict[str, Any]:
     """Teacher-forced comparison of the artifact in ``workdir`` with PyTorch fp32 on the checkpoint."""
-    from llmopt.runners.pytorch import PyTorchRunner
+    from llmopt.runners.pytorch import reference_logits as pytorch_logits
 
-    reference = PyTorchRunner.from_checkpoint(checkpoint, threads=1)
-    limit = min(recipe.validation.max_tokens, recipe.shapes.sequence_length)
-    token_ids = validation.validation_ids(reference.tokenizer, limit)
-    reference_logits = reference.logits(token_ids)
-    reference.close()
+    token_ids, reference_logits = pytorch_logits(checkpoint, min(recipe.validation.max_tokens, recipe.shapes.sequence_length))
     candidate = runner_class(recipe.target, manifest.static)(workdir, manifest.batch_size, manifest.sequence_length, manifest=manifest)
     try:
         metrics = validation.compare(reference_logits, candidate.logits(token_ids), token_ids)
@@ -186,6 +182,7 @@ def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bo
                 copy_tokenizer_files(checkpoint, workdir)
                 with backend_errors("quantize", quantization.LIBRARIES.get(recipe.target, recipe.target), model_type):
                     result.runtime = quantization.apply(recipe, workdir, result.runtime)
+                memory.release()  # what the backend left in reference cycles, before the parity check loads PyTorch
             manifest = new_manifest(recipe, exporter, checkpoint, result)
             manifest.source = origin["source"]
             manifest.cache_key = key

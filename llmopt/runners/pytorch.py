@@ -148,6 +148,27 @@ class PyTorchRunner(Runner):
             output = self.model(torch.tensor([token_ids], dtype=torch.long))
         return output.logits[0].float().numpy()
 
+    def close(self) -> None:
+        """Drop the model (and any draft) and give their memory back: the parity check loads the artifact next."""
+        from llmopt import memory
+
+        self.model = self._draft_model = None
+        memory.release()
+
+
+def reference_logits(checkpoint: Path, max_tokens: int) -> tuple[list[int], np.ndarray]:
+    """The parity check's reference: the validation text's token ids and their teacher-forced fp32 logits.
+
+    The model is gone, its memory returned, when this returns, so it never sits beside the artifact's runtime."""
+    from llmopt import validation
+
+    reference = PyTorchRunner.from_checkpoint(checkpoint, threads=1)
+    try:
+        token_ids = validation.validation_ids(reference.tokenizer, max_tokens)
+        return token_ids, reference.logits(token_ids)
+    finally:
+        reference.close()
+
 
 def attention_for(checkpoint: Path) -> str:
     """sdpa, except for models whose attention scores are soft-capped (Gemma 2): sdpa drops the cap

@@ -1,0 +1,241 @@
+#!/usr/bin/env python3
+"""Peak memory of ``llmopt export`` (export plus the parity check) over the weights it exports.
+
+Builds once a random-init Llama-shaped checkpoint of about 370M parameters (fp32 safetensors, the
+tokenizer of models/SmolLM2-135M-Instruct; nothing is downloaded), cached under the path it prints.
+Then, for each target and precision the CPU can export (onnx fp32; openvino fp32, fp16, bf16),
+runs ``llmopt export`` in a fresh process per measurement and records:
+
+    seconds     wall time of the export command (process start to exit)
+    peak_rss    the kernel's high-water mark of the process (``ru_maxrss`` from ``os.wait4`` on that
+                one child, its waited-for children included), plus the sampled peak of the
+                process tree's summed RSS (psutil, every 50 ms) for spawned helpers
+    weights     parameter count x bytes per element in the recipe's precision (fp32 4, fp16/bf16 2)
+    ratio       peak_rss / weights (the issue's goal: at most 2)
+    steps       the sampled peak RSS inside each llmopt step (``--log-format json`` events)
+
+Validation thresholds are opened (random weights give near-uniform logits, whose top-1 means
+nothing in fp16/bf16); the parity check itself runs in full, which is what is measured.
+
+Before and after in one run: ``--baseline-src`` names another checkout of llmopt (e.g. a
+``git worktree`` of main) whose package is imported, via PYTHONPATH, for the "before" rows:
+
+    git worktree add /tmp/llmopt-before main
+    python bench/export_memory.py --baseline-src /tmp/llmopt-before [--only onnx-fp32,openvino-fp32]
+
+Results: a table on stdout and bench/results/export_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+TOKENIZER_SOURCE = ROOT / "models" / "SmolLM2-135M-Instruct"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "vocab.json", "merges.txt")
+# Llama-shaped, untied embeddings (like the 7B models the goal is about): 369M parameters.
+CONFIG = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816,
+    "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64,
+    "vocab_size": 49152, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
+    "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
+    "initializer_range": 0.02, "torch_dtype": "float32",
+}
+CASES = {"onnx-fp32": ("onnx", "fp32"), "openvino-fp32": ("openvino", "fp32"),
+         "openvino-fp16": ("openvino", "fp16"), "openvino-bf16": ("openvino", "bf16")}
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+SAFETENSORS_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4}
+OPEN_THRESHOLDS = ["--set", "validation.min_top1_agreement=0", "--set", "validation.max_mean_kl=1e9"]
+GIB = 2**30
+
+
+def default_checkpoint_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "llmopt" / "bench" / "export-memory-llama-369m"
+
+
+BUILD_SCRIPT = """
+import json, sys, torch, transformers
+torch.manual_seed(0)
+config = transformers.LlamaConfig(**json.loads(sys.argv[2]))
+model = transformers.LlamaForCausalLM(config)
+model.save_pretrained(sys.argv[1], safe_serialization=True, max_shard_size="20GB")
+"""
+
+
+def build_checkpoint(path: Path, python: str) -> Path:
+    """The random-init checkpoint, built in a child process (torch never enters this one) and kept."""
+    if (path / "config.json").is_file() and list(path.glob("*.safetensors")):
+        return path
+    partial = path.with_name(path.name + f".partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    subprocess.run([python, "-c", BUILD_SCRIPT, str(partial), json.dumps(CONFIG)], check=True)
+    for name in TOKENIZER_FILES:
+        if (TOKENIZER_SOURCE / name).is_file():
+            shutil.copy2(TOKENIZER_SOURCE / name, partial / name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(partial, path)
+    return path
+
+
+def parameter_count(checkpoint: Path) -> int:
+    """Parameters in the checkpoint's safetensors files, read from their headers."""
+    count = 0
+    for file in checkpoint.glob("*.safetensors"):
+        with open(file, "rb") as handle:
+            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
+        for name, entry in header.items():
+            if name != "__metadata__":
+                elements = 1
+                for dim in entry["shape"]:
+                    elements *= dim
+                count += elements
+    return count
+
+
+class TreeSampler(threading.Thread):
+    """Samples the summed RSS of a process and its descendants until stopped."""
+
+    def __init__(self, pid: int, interval_s: float = 0.05):
+        super().__init__(daemon=True)
+        import psutil
+
+        self.root, self.interval_s, self.samples = psutil.Process(pid), interval_s, []
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        import psutil
+
+        while not self.stopped.is_set():
+            try:
+                total = self.root.memory_info().rss
+                for child in self.root.children(recursive=True):
+                    try:
+                        total += child.memory_info().rss
+                    except psutil.Error:
+                        pass
+            except psutil.Error:
+                return
+            self.samples.append((time.time(), total))
+            self.stopped.wait(self.interval_s)
+
+
+def step_peaks(events: list[dict], samples: list[tuple[float, int]]) -> dict[str, dict]:
+    """The sampled peak RSS inside each step, and the RSS sampled at its end."""
+    starts = {}
+    peaks = {}
+    for event in events:
+        step = event.get("step")
+        if step is None:
+            continue
+        if event.get("event") == "start":
+            starts[step] = event["time"]
+        elif event.get("event") in ("end", "fail") and step in starts:
+            window = [rss for at, rss in samples if starts[step] <= at <= event["time"]]
+            after = [rss for at, rss in samples if at >= event["time"]]
+            peaks[step] = {"seconds": event.get("seconds"), "peak_rss": max(window, default=0),
+                           "rss_at_end": after[0] if after else None}
+    return peaks
+
+
+def measure(source: Path, checkpoint: Path, target: str, dtype: str, python: str, workdir: Path,
+            validate: bool = True) -> dict:
+    """One ``llmopt export`` in a fresh process, importing llmopt from ``source``."""
+    output = workdir / f"{target}-{dtype}"
+    # -P: the working directory's llmopt must not shadow the one PYTHONPATH names
+    command = [python, "-P", "-c", "import sys; from llmopt.cli.main import entry; sys.argv[0] = 'llmopt'; sys.exit(entry())",
+               "--log-format", "json", "export", "-m", str(checkpoint), "-t", target, "--dtype", dtype,
+               "-o", str(output), "--force", "--no-cache", "--json", *OPEN_THRESHOLDS]
+    if not validate:
+        command.append("--no-validate")
+    env = {**os.environ, "PYTHONPATH": str(source), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("LLMOPT_DEBUG", None)
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = TreeSampler(process.pid)
+    sampler.start()
+    stderr_lines: list[str] = []
+    reader = threading.Thread(target=lambda: stderr_lines.extend(process.stderr), daemon=True)
+    reader.start()
+    stdout = process.stdout.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    process.returncode = os.waitstatus_to_exitcode(status)
+    sampler.stopped.set()
+    sampler.join()
+    reader.join()
+    events = []
+    for line in stderr_lines:
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            pass
+    shutil.rmtree(output, ignore_errors=True)
+    sampled = max((rss for _, rss in sampler.samples), default=0)
+    result = {"exit_code": process.returncode, "seconds": round(seconds, 1),
+              "peak_rss_bytes": max(usage.ru_maxrss * 1024, sampled), "maxrss_bytes": usage.ru_maxrss * 1024,
+              "sampled_tree_peak_bytes": sampled, "steps": step_peaks(events, sampler.samples)}
+    if process.returncode != 0:
+        result["error"] = "".join(line for line in stderr_lines if not line.startswith("{"))[-2000:] or stdout[-2000:]
+    return result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--llmopt-src", type=Path, default=ROOT, help="the checkout measured as 'after' (default: this one)")
+    parser.add_argument("--baseline-src", type=Path, help="another checkout measured as 'before', in the same run")
+    parser.add_argument("--only", help=f"comma-separated cases among {', '.join(CASES)} (default: all)")
+    parser.add_argument("--checkpoint", type=Path, default=default_checkpoint_dir(), help="where the model is built and kept")
+    parser.add_argument("--no-validate", action="store_true", help="export only, without the parity check")
+    parser.add_argument("--python", default=sys.executable, help="interpreter with llmopt's dependencies")
+    parser.add_argument("--json", type=Path, default=HERE / "results" / "export_memory.json")
+    args = parser.parse_args()
+    cases = args.only.split(",") if args.only else list(CASES)
+    unknown = [case for case in cases if case not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; accepted: {', '.join(CASES)}")
+    checkpoint = build_checkpoint(args.checkpoint, args.python)
+    parameters = parameter_count(checkpoint)
+    print(f"checkpoint: {checkpoint} ({parameters / 1e6:.0f}M parameters, fp32 safetensors)", file=sys.stderr)
+    trees = ([("before", args.baseline_src.resolve())] if args.baseline_src else []) + [("after", args.llmopt_src.resolve())]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="llmopt-export-memory-") as scratch:
+        for case in cases:
+            target, dtype = CASES[case]
+            weights = parameters * DTYPE_BYTES[dtype]
+            for label, source in trees:
+                print(f"{case} ({label}, {source}) ...", file=sys.stderr, flush=True)
+                result = measure(source, checkpoint, target, dtype, args.python, Path(scratch), not args.no_validate)
+                row = {"case": case, "target": target, "dtype": dtype, "tree": label, "source": str(source),
+                       "parameters": parameters, "weight_bytes": weights,
+                       "ratio": round(result["peak_rss_bytes"] / weights, 2), **result}
+                rows.append(row)
+                print(f"  {row['seconds']:.0f} s, peak {row['peak_rss_bytes'] / GIB:.2f} GiB, "
+                      f"{row['ratio']:.2f}x weights" + (f", FAILED: {row.get('error', '')[-300:]}" if row["exit_code"] else ""),
+                      file=sys.stderr, flush=True)
+    print(f"{'case':<15} {'tree':<7} {'seconds':>8} {'peak GiB':>9} {'weights GiB':>12} {'peak/weights':>13}  peak step")
+    for row in rows:
+        steps = row["steps"]
+        peak_step = max(steps, key=lambda name: steps[name]["peak_rss"]) if steps else "-"
+        print(f"{row['case']:<15} {row['tree']:<7} {row['seconds']:>8.0f} {row['peak_rss_bytes'] / GIB:>9.2f} "
+              f"{row['weight_bytes'] / GIB:>12.2f} {row['ratio']:>12.2f}x  {peak_step}"
+              + ("  (failed)" if row["exit_code"] else ""))
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"checkpoint": str(checkpoint), "parameters": parameters, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {args.json}", file=sys.stderr)
+    return 1 if any(row["exit_code"] for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
