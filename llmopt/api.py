@@ -211,16 +211,6 @@ def _runtime_of(manifest: Manifest) -> str:
     return f"{runner_class(manifest.target, manifest.static).runtime} or PyTorch"
 
 
-def model_type_of(path: Path) -> str | None:
-    """The model_type in an artifact's or checkpoint's config.json, if it has one."""
-    import json
-
-    try:
-        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def open_runner(path: str | Path, verify: bool = True, **options) -> Runner:
     """Load an artifact with the runner its manifest names; ``path`` may be the Hub id of a pushed one."""
     path = hub.artifact_path(path)
@@ -230,20 +220,9 @@ def open_runner(path: str | Path, verify: bool = True, **options) -> Runner:
 
 def sampling_from(manifest: Manifest | None, directory: Path | None = None, penalty: bool = True,
                   **overrides: Any) -> SamplingConfig:
-    """How ``run`` samples, each source over the one before: llmopt's chat defaults, the checkpoint's
-    generation_config.json (carried in the artifact ``directory``), the recipe's generation section, then
-    the non-None ``overrides`` (run's flags). ``temperature=0`` is greedy, and plain greedy unless a penalty
-    is asked for. ``penalty``: whether the runner applies one (the chat default's is left out where not)."""
-    settings = dict(generation.CHAT_DEFAULTS)
-    given: dict[str, Any] = dict(generation.checkpoint_sampling(directory)) if directory is not None else {}
+    """How ``run`` and ``serve`` sample: ``llmopt.generation.resolve_sampling``."""
     recipe = (manifest.recipe.get("generation") or {}) if manifest else {}
-    given.update({key: value for key, value in recipe.items() if value is not None})
-    given.update({key: value for key, value in overrides.items() if value is not None})
-    settings.update(given)
-    if "repetition_penalty" not in given and (not penalty or settings["temperature"] == 0):
-        settings["repetition_penalty"] = 1.0  # the chat default's penalty goes with its sampling only
-    known = SamplingConfig.__dataclass_fields__
-    return SamplingConfig(**{key: value for key, value in settings.items() if key in known})
+    return generation.resolve_sampling(recipe, directory, penalty, **overrides)
 
 
 def run(path: str | Path, prompts: list[str], chat: bool = True, on_text=None, speculation: Speculation | None = None,
@@ -252,7 +231,7 @@ def run(path: str | Path, prompts: list[str], chat: bool = True, on_text=None, s
 
     ``speculation``: prompt-lookup or draft-model decoding, where the artifact's runner supports it."""
     path = hub.artifact_path(path)
-    model_type = model_type_of(path)
+    model_type = artifact.model_type_of(path)
     manifest = artifact.read_manifest(path)
     runtime = runner_class(manifest.target, manifest.static).runtime
     with events.step("load", f"loading {path}"), backend_errors("load", runtime, model_type):
@@ -381,14 +360,14 @@ def _quantize_artifact(start: QuantizeSource, output: Path, force: bool, validat
     with no_space_errors(output), artifact.staging(output, force) as workdir:
         with events.step("quantize", f"quantizing {source} ({recipe.quantization.weight_format})"):
             artifact.copy_body(source, workdir)
-            with backend_errors("quantize", quantization.LIBRARIES.get(recipe.target, recipe.target), model_type_of(source)):
+            with backend_errors("quantize", quantization.LIBRARIES.get(recipe.target, recipe.target), artifact.model_type_of(source)):
                 runtime = quantization.apply(recipe, workdir, source_manifest.runtime)
         result = ExportResult(io=source_manifest.io, runtime=runtime)
         manifest = new_manifest(recipe, exporter, Path(source_manifest.source.get("checkpoint") or source), result)
         manifest.source["artifact"] = str(source)
         if validate and recipe.validation.enabled and exporter.validates_here(recipe):
             with events.step("validate", "comparing with the fp artifact (teacher-forced)") as fields, \
-                    backend_errors("validate", runner_class(manifest.target, manifest.static).runtime, model_type_of(source)):
+                    backend_errors("validate", runner_class(manifest.target, manifest.static).runtime, artifact.model_type_of(source)):
                 manifest.validation = validate_against_artifact(recipe, source, source_manifest, workdir, manifest)
                 fields.update(manifest.validation)
             if not manifest.validation["passed"]:

@@ -256,3 +256,11 @@ def check_backend_versions(path: Path, manifest: Manifest, installed: dict[str, 
                 f"artifact '{path}' was built with {name} {built}, this machine has {have}",
                 hint=f"re-export it here or install {name}=={built}",
             )
+
+
+def model_type_of(path: Path) -> str | None:
+    """The model_type in an artifact's or checkpoint's config.json, if it has one."""
+    try:
+        return json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None

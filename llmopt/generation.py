@@ -48,6 +48,22 @@ def checkpoint_sampling(directory: Path) -> dict:
             "top_p": config.get("top_p", 1.0), "repetition_penalty": config.get("repetition_penalty", 1.0)}
 
 
+def resolve_sampling(recipe: dict, directory: Path | None = None, penalty: bool = True, **overrides) -> SamplingConfig:
+    """Each source over the one before: the chat defaults, the checkpoint's generation_config.json (in the
+    artifact ``directory``), the recipe's generation section, then the non-None ``overrides`` (run's flags).
+    ``temperature=0`` is greedy, and plain greedy unless a penalty is asked for. ``penalty``: whether the
+    runner applies one (the chat default's is left out where not)."""
+    settings = dict(CHAT_DEFAULTS)
+    given = dict(checkpoint_sampling(directory)) if directory is not None else {}
+    given.update({key: value for key, value in recipe.items() if value is not None})
+    given.update({key: value for key, value in overrides.items() if value is not None})
+    settings.update(given)
+    if "repetition_penalty" not in given and (not penalty or settings["temperature"] == 0):
+        settings["repetition_penalty"] = 1.0  # the chat default's penalty goes with its sampling only
+    known = SamplingConfig.__dataclass_fields__
+    return SamplingConfig(**{key: value for key, value in settings.items() if key in known})
+
+
 def describe(sampling: SamplingConfig) -> str:
     if sampling.greedy:
         return "greedy"
