@@ -127,9 +127,10 @@ def test_openvino_speculation_keeps_greedy_output(untied_llama, draft_llama, tmp
     finally:
         runner.close()
     # The CLI path streams the same text as plain greedy.
-    assert main(["run", str(model), PROMPTS[1], "--max-new-tokens", "12", "--json"]) == 0
+    assert main(["run", str(model), PROMPTS[1], "--max-new-tokens", "12", "--temperature", "0", "--json"]) == 0
     plain_out = capsys.readouterr().out
-    assert main(["run", str(model), PROMPTS[1], "--max-new-tokens", "12", "--json", "--draft", str(draft)]) == 0
+    assert main(["run", str(model), PROMPTS[1], "--max-new-tokens", "12", "--temperature", "0", "--json",
+                 "--draft", str(draft)]) == 0
     import json
 
     assert json.loads(capsys.readouterr().out)["token_ids"] == json.loads(plain_out)["token_ids"]
