@@ -18,7 +18,7 @@ from pathlib import Path
 
 from llmopt import artifact, events, sources
 from llmopt._deps import dtype_keyword, require
-from llmopt.errors import LlmoptError, UsageError
+from llmopt.errors import LlmoptError, UsageError, first_line
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -40,7 +40,7 @@ def resolve(spec: str, revision: str | None = None) -> Path:
         snapshot = Path(hub.snapshot_download(spec, revision=revision, allow_patterns=[CONFIG_NAME, *WEIGHT_NAMES]))
     except Exception as exc:  # huggingface_hub's errors: offline, not found, gated, HTTP
         raise LlmoptError(f"adapter '{spec}': not a local directory, and the Hub gave no adapter "
-                          f"({type(exc).__name__}: {sources._first_line(exc)})") from exc
+                          f"({type(exc).__name__}: {first_line(exc)})") from exc
     if not (snapshot / CONFIG_NAME).is_file():
         raise UsageError(f"adapter '{spec}' on the Hub has no {CONFIG_NAME}: it is not a PEFT adapter")
     return snapshot
@@ -73,7 +73,7 @@ def check(adapter_dir: Path, checkpoint: Path) -> dict:
     try:
         config = json.loads((adapter_dir / CONFIG_NAME).read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{where}: {CONFIG_NAME} is not valid JSON ({sources._first_line(exc)})") from exc
+        raise UsageError(f"{where}: {CONFIG_NAME} is not valid JSON ({first_line(exc)})") from exc
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         found = config.get("peft_type") if isinstance(config, dict) else None
         raise UsageError(f"{where}: peft_type is {found!r}; only LoRA adapters (peft_type LORA) can be merged")
@@ -134,7 +134,7 @@ def merge(checkpoint: Path, adapter_dir: Path, base_hashes: dict[str, str], adap
                 merged = peft.PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
             except (RuntimeError, ValueError, KeyError) as exc:
                 raise UsageError(f"adapter '{adapter_dir}' does not fit the base model {checkpoint.name} "
-                                 f"({sources._first_line(exc)})", hint="use an adapter trained on this base model") from exc
+                                 f"({first_line(exc)})", hint="use an adapter trained on this base model") from exc
             merged.to(stored_dtype).save_pretrained(staged, safe_serialization=True)
             (staged / MERGED_MARKER).write_text(json.dumps({"base": str(checkpoint), "adapter": str(adapter_dir),
                                                             "adapter_files": adapter_hashes}, indent=2))

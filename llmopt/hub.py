@@ -21,7 +21,7 @@ from typing import Any, Iterator
 from llmopt import artifact, events, sources
 from llmopt._deps import require, version_of
 from llmopt.artifact import MANIFEST_NAME, Manifest
-from llmopt.errors import ArtifactError, LlmoptError, UsageError
+from llmopt.errors import ArtifactError, LlmoptError, UsageError, first_line
 from llmopt.registry import runner_class
 
 CARD_NAME = "README.md"
@@ -51,7 +51,7 @@ def hub_errors(repo_id: str, action: str) -> Iterator[None]:
     try:
         yield
     except errors.HFValidationError as exc:
-        raise UsageError(f"'{repo_id}' is not a valid Hub repo id ({sources._first_line(exc)})",
+        raise UsageError(f"'{repo_id}' is not a valid Hub repo id ({first_line(exc)})",
                          hint="expected org/name, e.g. me/smollm2-onnx-int4") from exc
     except errors.RepositoryNotFoundError as exc:
         raise ArtifactError(f"{where} not found (or not readable with this token)",
@@ -70,7 +70,7 @@ def hub_errors(repo_id: str, action: str) -> Iterator[None]:
         if status in (401, 403):
             raise LlmoptError(f"not allowed to {action} {where} (HTTP {status})",
                               hint="set HF_TOKEN (or `hf auth login`) to a token with write access") from exc
-        raise LlmoptError(f"cannot {action} {where}: {sources._first_line(exc)}") from exc
+        raise LlmoptError(f"cannot {action} {where}: {first_line(exc)}") from exc
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise LlmoptError(f"cannot {action} {where}: the endpoint cannot be reached") from exc
 

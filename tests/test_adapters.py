@@ -126,6 +126,11 @@ def test_adapter_for_another_base_refused_before_any_work(tiny_llama, other_base
     (dora / adapters.CONFIG_NAME).write_text(json.dumps({**config, "peft_type": "PREFIX_TUNING"}))
     with pytest.raises(UsageError, match="only LoRA"):
         adapters.check(dora, tiny_llama)
+    broken = tmp_path / "broken-config"
+    shutil.copytree(lora, broken)
+    (broken / adapters.CONFIG_NAME).write_text("{not json")
+    with pytest.raises(UsageError, match=f"{adapters.CONFIG_NAME} is not valid JSON"):
+        adapters.check(broken, tiny_llama)
     with pytest.raises(UsageError, match="not a PEFT adapter"):
         adapters.resolve(str(tiny_llama))
 
