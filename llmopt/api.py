@@ -180,7 +180,7 @@ def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bo
                 with backend_errors("export", exporter.backend_name(recipe), model_type):
                     result = exporter.export(quantization.exporter_recipe(recipe), checkpoint, workdir)
                 copy_tokenizer_files(checkpoint, workdir)
-                with backend_errors("quantize", quantization.LIBRARIES.get(recipe.target, recipe.target), model_type):
+                with backend_errors("quantize", quantization.library(recipe.target), model_type):
                     result.runtime = quantization.apply(recipe, workdir, result.runtime)
                 memory.release()  # what the backend left in reference cycles, before the parity check loads PyTorch
             manifest = new_manifest(recipe, exporter, checkpoint, result)
@@ -188,7 +188,7 @@ def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bo
             manifest.cache_key = key
             if validated:
                 with events.step("validate", "comparing with PyTorch (teacher-forced)") as fields, \
-                        backend_errors("validate", _runtime_of(manifest), model_type):
+                        backend_errors("validate", f"{_runtime_of(manifest)} or PyTorch", model_type):
                     manifest.validation = validate_against_pytorch(recipe, checkpoint, workdir, manifest)
                     fields.update(manifest.validation)
                 if not manifest.validation["passed"]:
@@ -208,7 +208,8 @@ def export(recipe: Recipe, output: str | Path, force: bool = False, validate: bo
 
 
 def _runtime_of(manifest: Manifest) -> str:
-    return f"{runner_class(manifest.target, manifest.static).runtime} or PyTorch"
+    """The library that runs ``manifest``'s artifact, named when it fails."""
+    return runner_class(manifest.target, manifest.static).runtime_name
 
 
 def open_runner(path: str | Path, verify: bool = True, **options) -> Runner:
@@ -233,7 +234,7 @@ def run(path: str | Path, prompts: list[str], chat: bool = True, on_text=None, s
     path = hub.artifact_path(path)
     model_type = artifact.model_type_of(path)
     manifest = artifact.read_manifest(path)
-    runtime = runner_class(manifest.target, manifest.static).runtime
+    runtime = _runtime_of(manifest)
     with events.step("load", f"loading {path}"), backend_errors("load", runtime, model_type):
         runner = open_runner(path)
     try:
@@ -357,17 +358,18 @@ def _quantize_artifact(start: QuantizeSource, output: Path, force: bool, validat
     artifact.check_output_free(output, force)
     exporter.preflight(recipe)
     quantization.check_model(recipe, source)
+    model_type = artifact.model_type_of(source)
     with no_space_errors(output), artifact.staging(output, force) as workdir:
         with events.step("quantize", f"quantizing {source} ({recipe.quantization.weight_format})"):
             artifact.copy_body(source, workdir)
-            with backend_errors("quantize", quantization.LIBRARIES.get(recipe.target, recipe.target), artifact.model_type_of(source)):
+            with backend_errors("quantize", quantization.library(recipe.target), model_type):
                 runtime = quantization.apply(recipe, workdir, source_manifest.runtime)
         result = ExportResult(io=source_manifest.io, runtime=runtime)
         manifest = new_manifest(recipe, exporter, Path(source_manifest.source.get("checkpoint") or source), result)
         manifest.source["artifact"] = str(source)
         if validate and recipe.validation.enabled and exporter.validates_here(recipe):
             with events.step("validate", "comparing with the fp artifact (teacher-forced)") as fields, \
-                    backend_errors("validate", runner_class(manifest.target, manifest.static).runtime, artifact.model_type_of(source)):
+                    backend_errors("validate", _runtime_of(manifest), model_type):
                 manifest.validation = validate_against_artifact(recipe, source, source_manifest, workdir, manifest)
                 fields.update(manifest.validation)
             if not manifest.validation["passed"]:

@@ -44,8 +44,10 @@ ARCHITECTURES: dict[str, Architecture] = {arch.model_type: arch for arch in (
 GGUF_ARCHITECTURES: dict[str, str] = {arch.gguf: arch.model_type for arch in ARCHITECTURES.values() if arch.gguf}
 
 
-def supported() -> tuple[str, ...]:
-    return tuple(ARCHITECTURES)
+def soft_capped(config: dict) -> bool:
+    """Whether a config.json's attention scores are soft-capped (Gemma 2). transformers' sdpa attention
+    drops the cap silently, so such a model is computed, and traced, with eager attention."""
+    return bool(config.get("attn_logit_softcapping"))
 
 
 def markdown_table() -> str:

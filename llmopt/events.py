@@ -30,7 +30,7 @@ def warning(message: str, **fields: Any) -> None:
 
 
 @contextlib.contextmanager
-def backend_output_hidden(backend: str) -> Iterator[None]:
+def backend_output_hidden() -> Iterator[None]:
     """A backend's prints stay off stdout, which holds results only: on stderr with LLMOPT_DEBUG, otherwise
     dropped (a failure is one line, ``llmopt.errors.backend_errors``; LLMOPT_DEBUG=1 shows all of it)."""
     if os.environ.get("LLMOPT_DEBUG"):

@@ -97,13 +97,15 @@ def _converted_gguf(gguf_path: Path, cache_dir: Path | None) -> Path:
     if is_converted(out_dir):
         events.info(f"using the cached conversion of {gguf_path.name} in {out_dir}")
         return out_dir
-    check_gguf(gguf_path)
     return convert_gguf(gguf_path, out_dir)
 
 
 def check_gguf(gguf_path: Path) -> dict[str, Any]:
     """Refuse, from the header alone, a GGUF whose architecture or vocabulary llmopt does not convert."""
-    meta = _gguf_metadata(gguf_path)
+    return _refuse_unsupported(_gguf_metadata(gguf_path), gguf_path)
+
+
+def _refuse_unsupported(meta: dict[str, Any], gguf_path: Path) -> dict[str, Any]:
     architecture = meta.get("architecture")
     if architecture not in GGUF_ARCHITECTURES:
         raise UsageError(f"GGUF architecture '{architecture}' in {gguf_path.name} is not supported "
@@ -255,7 +257,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     torch = require("torch", extra="pytorch")
     transformers = require("transformers", extra="pytorch")
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    meta = _gguf_metadata(gguf_path, vocabulary=True)
+    meta = _refuse_unsupported(_gguf_metadata(gguf_path, vocabulary=True), gguf_path)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the checkpoint is meant to be shared

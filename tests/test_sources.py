@@ -132,7 +132,6 @@ def test_gguf_is_converted_once_into_a_cache_keyed_by_sha256(tmp_path, monkeypat
     gguf.write_bytes(b"GGUF fake weights")
     calls: list[Path] = []
     monkeypatch.setattr(sources, "convert_gguf", _fake_convert(calls))
-    monkeypatch.setattr(sources, "check_gguf", lambda path: {})
     monkeypatch.setenv("LLMOPT_CACHE_DIR", str(tmp_path / "cache"))
     expected = tmp_path / "cache" / "gguf" / hashlib.sha256(gguf.read_bytes()).hexdigest()[:16]
 
@@ -148,7 +147,6 @@ def test_an_incomplete_cached_conversion_is_redone(tmp_path, monkeypatch):
     gguf.write_bytes(b"GGUF")
     calls: list[Path] = []
     monkeypatch.setattr(sources, "convert_gguf", _fake_convert(calls))
-    monkeypatch.setattr(sources, "check_gguf", lambda path: {})
     out = sources.resolve_model(str(gguf), None, False, cache_dir=tmp_path / "c")
     (out / sources.CONVERTED_MARKER).write_text(json.dumps({"fix_version": sources.FIX_VERSION - 1}))
     sources.resolve_model(str(gguf), None, False, cache_dir=tmp_path / "c")

@@ -21,6 +21,7 @@ from typing import Any
 
 from llmopt import events
 from llmopt._deps import require
+from llmopt.artifact import model_type_of
 from llmopt.errors import MissingDependencyError, RecipeError
 from llmopt.exporters.base import TOKENIZER_FILES, Exporter, ExportResult
 from llmopt.hardware import detect_gpus
@@ -164,7 +165,7 @@ def run_builder(recipe: Recipe, checkpoint: Path, workdir: Path) -> None:
     builder = require("onnxruntime_genai.models.builder", extra="onnx", package="onnxruntime-genai")
     events.info(f"building the ONNX graph with onnxruntime-genai's model builder ({recipe.precision.dtype}, "
                 f"{recipe.onnx.provider})")
-    with tempfile.TemporaryDirectory(prefix="llmopt-onnx-") as scratch, events.backend_output_hidden("model builder"):
+    with tempfile.TemporaryDirectory(prefix="llmopt-onnx-") as scratch, events.backend_output_hidden():
         builder.create_model(
             None,
             str(checkpoint),
@@ -185,8 +186,7 @@ def mend_builder_graph(checkpoint: Path, model_path: Path) -> None:
     tiny OLMo. The RMS nodes become LayerNormalization / SkipLayerNormalization, whose inputs
     (x, [skip], weight) and used outputs sit at the same positions.
     """
-    model_type = json.loads((checkpoint / "config.json").read_text(encoding="utf-8")).get("model_type")
-    if model_type != "olmo":
+    if model_type_of(checkpoint) != "olmo":
         return
     onnx = require("onnx", extra="onnx")
     model = onnx.load(str(model_path), load_external_data=False)

@@ -29,6 +29,7 @@ from typing import Any, Iterator
 
 from llmopt import events
 from llmopt._deps import require
+from llmopt.architectures import soft_capped
 from llmopt.errors import LlmoptError, RecipeError
 from llmopt.exporters.base import Exporter, ExportResult
 from llmopt.recipe import Recipe
@@ -174,7 +175,7 @@ def runtime_options(recipe: Recipe) -> dict[str, Any]:
 
 
 def soft_capped_attention(checkpoint: Path) -> bool:
-    return bool(json.loads((checkpoint / "config.json").read_text(encoding="utf-8")).get("attn_logit_softcapping"))
+    return soft_capped(json.loads((checkpoint / "config.json").read_text(encoding="utf-8")))
 
 
 @contextlib.contextmanager
@@ -188,10 +189,10 @@ def traced_attention(checkpoint: Path) -> Iterator[None]:
     The eager IR has no ScaledDotProductAttention op, so openvino-genai runs it in its stateful
     pipeline (``ATTENTION_BACKEND: SDPA``) rather than the paged-attention one.
     """
-    if not soft_capped_attention(checkpoint):
+    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    if not soft_capped(config):
         yield
         return
-    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     forced = require("optimum.exporters.openvino.__main__", extra="openvino", package="optimum-intel").FORCE_ATTN_MODEL_CLASSES
     model_type, before = config["model_type"], forced.get(config["model_type"])
     forced[model_type] = "eager"
@@ -210,7 +211,7 @@ def run_optimum_export(recipe: Recipe, checkpoint: Path, output: Path) -> None:
     configuration = require("optimum.intel.openvino.configuration", extra="openvino", package="optimum-intel")
     dtype = recipe.precision.dtype
     events.info(f"tracing {recipe.model.id} with optimum-intel ({dtype}, stateful)")
-    with events.backend_output_hidden("optimum-intel"), traced_attention(checkpoint):
+    with events.backend_output_hidden(), traced_attention(checkpoint):
         main_export(
             str(checkpoint),
             output=output,

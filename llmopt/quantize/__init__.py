@@ -33,6 +33,11 @@ BACKENDS: dict[str, str] = {
 # What does the work, named when it fails.
 LIBRARIES: dict[str, str] = {"openvino": "openvino/nncf", "onnx": "onnx/onnxruntime quantization"}
 
+
+def library(target: str) -> str:
+    """The library the quantization pass of ``target`` runs on (named in a one-line backend failure)."""
+    return LIBRARIES.get(target, target)
+
 # Validation thresholds when the recipe sets none of its own (fp keeps Validation's defaults).
 # From SmolLM2-135M on openvino (teacher-forced, 192 tokens of llmopt/data/validation.txt): int8
 # 0.92 / KL 0.004; int4 HQQ 0.97 / 0.001, NNCF AWQ 0.73 / 0.21 pass; NNCF int4 round-to-nearest,

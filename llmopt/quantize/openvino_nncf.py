@@ -38,7 +38,7 @@ def compress_nncf(model, recipe: Recipe, arguments: dict[str, Any], tokenizer):
     level = nncf_logger.level
     nncf_logger.setLevel(logging.WARNING)
     try:
-        with events.backend_output_hidden("nncf"):
+        with events.backend_output_hidden():
             compressed = nncf.compress_weights(model, **call)
     finally:
         nncf_logger.setLevel(level)

@@ -126,7 +126,7 @@ class Runner(ABC):
     # Distributions whose versions must be able to load what the exporter recorded.
     backend_distributions: ClassVar[tuple[str, ...]] = ()
     # The runtime that executes the artifact, named when it fails.
-    runtime: ClassVar[str] = ""
+    runtime_name: ClassVar[str] = ""
     # Whether generate applies SamplingConfig.repetition_penalty.
     repetition_penalty: ClassVar[bool] = True
     # Speculative decoding methods this runner implements (see ``Speculation``), at batch size 1.

@@ -45,7 +45,7 @@ class NeuronRunner(Runner):
     target = "neuron"
     extra = "neuron"
     backend_distributions = ("optimum-neuron", "neuronx-cc")
-    runtime = "optimum-neuron"
+    runtime_name = "optimum-neuron"
     repetition_penalty = False  # on-device sampling has none: a penalty is refused, not ignored
 
     def __init__(self, path: Path, batch_size: int, sequence_length: int, manifest=None):

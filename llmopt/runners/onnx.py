@@ -34,7 +34,7 @@ class OnnxRunner(Runner):
     target = "onnx"
     extra = "onnx"
     backend_distributions = ("onnxruntime-genai",)
-    runtime = "onnxruntime-genai"
+    runtime_name = "onnxruntime-genai"
 
     def __init__(self, path: Path, batch_size: int, sequence_length: int, manifest=None, threads: int | None = None):
         super().__init__(path, batch_size, sequence_length, manifest)

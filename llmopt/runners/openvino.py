@@ -36,7 +36,7 @@ class OpenVINORunner(Runner):
     target = "openvino"
     extra = "openvino"
     backend_distributions = ("openvino", "openvino-genai")
-    runtime = "openvino-genai"
+    runtime_name = "openvino-genai"
     # openvino-genai's prompt_lookup pipeline and its speculative decoding with a draft model (another
     # openvino artifact of the same checkpoint, e.g. its int4 build); both on the paged-attention scheduler.
     speculation_methods = ("prompt-lookup", "draft")

@@ -51,7 +51,7 @@ class PyTorchRunner(Runner):
     target = "pytorch"
     extra = "pytorch"
     backend_distributions = ("torch", "transformers")
-    runtime = "transformers"
+    runtime_name = "transformers"
     # transformers' prompt_lookup_num_tokens and assisted generation (assistant_model, a checkpoint
     # sharing the tokenizer). Eager mode only: transformers would silently swap a static cache for a
     # dynamic one.
@@ -175,5 +175,7 @@ def attention_for(checkpoint: Path) -> str:
     silently, so only the eager attention computes the model as trained."""
     import json
 
+    from llmopt.architectures import soft_capped
+
     config = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
-    return "eager" if config.get("attn_logit_softcapping") else "sdpa"
+    return "eager" if soft_capped(config) else "sdpa"

@@ -202,7 +202,7 @@ class OnnxStaticRunner(StaticGraphRunner):
     target = "onnx"
     extra = "onnx"
     backend_distributions = ("onnxruntime",)
-    runtime = "onnxruntime"
+    runtime_name = "onnxruntime"
     default_graphs = {"prefill": "prefill.onnx", "decode": "decode.onnx"}
 
     def _open(self, prefill: Path, decode: Path) -> None:
@@ -262,7 +262,7 @@ class OpenVINOStaticRunner(StaticGraphRunner):
     target = "openvino"
     extra = "openvino"
     backend_distributions = ("openvino",)
-    runtime = "openvino"
+    runtime_name = "openvino"
     default_graphs = {"prefill": "prefill.xml", "decode": "decode.xml"}
 
     def _open(self, prefill: Path, decode: Path) -> None:

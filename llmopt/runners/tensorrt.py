@@ -52,7 +52,7 @@ class TensorRTRunner(Runner):
     target = "tensorrt"
     extra = "tensorrt"
     backend_distributions = ("tensorrt_llm",)
-    runtime = "TensorRT-LLM"
+    runtime_name = "TensorRT-LLM"
 
     @classmethod
     def load(cls, path: str | Path, verify: bool = True, **options) -> "TensorRTRunner":

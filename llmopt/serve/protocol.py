@@ -89,40 +89,35 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
+def _body(kind: str, request_id: str, model: str, created: int, choice: dict, finish_reason: Optional[str],
+          usage_counts: Optional[dict]) -> dict:
+    """OpenAI's envelope around one choice: answers and stream chunks of both endpoints."""
+    body = {"id": request_id, "object": kind, "created": created, "model": model,
+            "choices": [{"index": 0, **choice, "finish_reason": finish_reason, "logprobs": None}]}
+    if usage_counts is not None:
+        body["usage"] = usage_counts
+    return body
+
+
 def chat_response(request_id: str, model: str, text: str, finish_reason: str, prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
-        "id": request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason,
-                     "logprobs": None}],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    return _body("chat.completion", request_id, model, int(time.time()), {"message": {"role": "assistant", "content": text}},
+                 finish_reason, usage(prompt_tokens, completion_tokens))
 
 
 def completion_response(request_id: str, model: str, text: str, finish_reason: str, prompt_tokens: int,
                         completion_tokens: int) -> dict:
-    return {
-        "id": request_id, "object": "text_completion", "created": int(time.time()), "model": model,
-        "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}],
-        "usage": usage(prompt_tokens, completion_tokens),
-    }
+    return _body("text_completion", request_id, model, int(time.time()), {"text": text}, finish_reason,
+                 usage(prompt_tokens, completion_tokens))
 
 
 def chat_chunk(request_id: str, model: str, created: int, delta: dict, finish_reason: Optional[str] = None,
                usage_counts: Optional[dict] = None) -> dict:
-    chunk = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
-    if usage_counts is not None:
-        chunk["usage"] = usage_counts
-    return chunk
+    return _body("chat.completion.chunk", request_id, model, created, {"delta": delta}, finish_reason, usage_counts)
 
 
 def completion_chunk(request_id: str, model: str, created: int, text: str, finish_reason: Optional[str] = None,
                      usage_counts: Optional[dict] = None) -> dict:
-    chunk = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-             "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}]}
-    if usage_counts is not None:
-        chunk["usage"] = usage_counts
-    return chunk
+    return _body("text_completion", request_id, model, created, {"text": text}, finish_reason, usage_counts)
 
 
 def error_body(message: str, kind: str = "invalid_request_error", param: Optional[str] = None,
