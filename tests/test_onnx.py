@@ -169,6 +169,28 @@ def test_artifact_loads_in_plain_onnxruntime_genai(untied_b1, untied_llama):
     assert tokens[:cut] == expected[:cut]
 
 
+def test_prefill_projects_only_each_rows_last_token(untied_b4, untied_llama):
+    """The lm_head runs on each right-padded row's last prompt token: those logits are PyTorch's, and the
+    other positions of the logits output were never projected (zeros)."""
+    from llmopt.runners.onnx import OnnxRunner
+    from llmopt.runners.pytorch import PyTorchRunner
+
+    runner = OnnxRunner.load(untied_b4)
+    assert runner.manifest.runtime["logits"] == "last token"
+    rows = [[1, 17, 42, 99, 7, 300, 12], [5, 6], [1, 2, 3, 4, 5], [250]]
+    generator = runner._generator()
+    generator.append_tokens(runner._input_ids(rows))
+    raw = np.asarray(generator.get_output("logits"))  # [4, 7, vocab]
+    last = np.asarray(generator.get_logits())[:, -1]
+    reference = PyTorchRunner.from_checkpoint(untied_llama, threads=1)
+    for row, ids in enumerate(rows):
+        expected = reference.logits(ids)[-1]
+        np.testing.assert_allclose(last[row, : expected.shape[0]], expected, atol=1e-3)
+        np.testing.assert_allclose(raw[row, len(ids) - 1], last[row], atol=0)
+        others = np.delete(raw[row], len(ids) - 1, axis=0)
+        assert not others.any(), f"row {row}: positions other than its last token were projected"
+
+
 def test_sequence_length_beyond_the_model_context_is_refused(tiny_llama, tmp_path):
     needs_onnxruntime_genai()
     output = tmp_path / "too-long"

@@ -19,6 +19,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llmopt import events
 from llmopt._deps import require
 from llmopt.artifact import model_type_of
@@ -41,6 +43,8 @@ GPU_HINT = "provider {provider} needs onnxruntime-gpu and an NVIDIA GPU (pip ins
 
 
 OLMO_LAYER_NORM_EPS = 1e-5  # transformers' OlmoLayerNorm
+LM_HEAD_NODE = "/lm_head/MatMul"  # the builder's names
+LOGITS_OUTPUT = "logits"
 
 
 class OnnxExporter(Exporter):
@@ -133,10 +137,11 @@ class OnnxExporter(Exporter):
         check_context_length(checkpoint, shapes.sequence_length)
         run_builder(recipe, checkpoint, workdir)
         mend_builder_graph(checkpoint, workdir / MODEL_FILE)
+        logits = project_last_token_only(workdir / MODEL_FILE)
         io_shapes = pin_batch_dimension(workdir / MODEL_FILE, shapes.batch_size)
         pin_genai_config(workdir / GENAI_CONFIG, shapes.sequence_length)
         use_checkpoint_tokenizer(checkpoint, workdir)
-        return ExportResult(io=io_shapes, runtime=runtime_options(recipe))
+        return ExportResult(io=io_shapes, runtime={**runtime_options(recipe), "logits": logits})
 
 
 def builder_options(recipe: Recipe) -> dict[str, Any]:
@@ -199,6 +204,68 @@ def mend_builder_graph(checkpoint: Path, model_path: Path) -> None:
                 if attribute.name == "epsilon":
                     attribute.f = OLMO_LAYER_NORM_EPS
     onnx.save(model, str(model_path))
+
+
+def project_last_token_only(model_path: Path) -> str:
+    """Run the lm_head on each row's last prompt token only; return what the ``logits`` output holds.
+
+    The builder's graph projects every prompt position onto the vocabulary, and onnxruntime-genai
+    0.11 reads one of them: the row's last token. Here the lm_head's input is gathered at that
+    position first (``Min(ReduceSum(attention_mask) - 1, S - 1)``: the last real token of a
+    right-padded prompt that starts the sequence, position 0 of a decode step), and the logits
+    output keeps its ``[batch, S, vocab]`` shape, which onnxruntime-genai 0.11 binds, as that row
+    scattered by a one-hot over S (zeros elsewhere). Prefill then costs one lm_head row instead of
+    S. Teacher-forced logits of every position (the parity check) come token by token
+    (``OnnxRunner.logits``). A graph without the builder's ``/lm_head/MatMul`` is left whole.
+    """
+    onnx = require("onnx", extra="onnx")
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
+    model = onnx.load(str(model_path), load_external_data=False)
+    graph = model.graph
+    nodes = list(graph.node)
+    lm_head = next((node for node in nodes if node.name == LM_HEAD_NODE), None)
+    producer = next((node for node in nodes if LOGITS_OUTPUT in node.output), None)
+    if lm_head is None or producer is None or "attention_mask" not in {value.name for value in graph.input}:
+        return "all positions"
+    hidden, prefix = lm_head.input[0], "/lm_head/last_token"
+    logits_type = next(value for value in graph.output if value.name == LOGITS_OUTPUT).type.tensor_type.elem_type
+
+    def name(part: str) -> str:
+        return f"{prefix}/{part}"
+
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array([1], dtype=np.int64), name("one")),
+        numpy_helper.from_array(np.array([-1], dtype=np.int64), name("last_axis")),
+        numpy_helper.from_array(np.array([0, 1], dtype=helper.tensor_dtype_to_np_dtype(logits_type)), name("off_on")),
+    ])
+    gather = [
+        helper.make_node("ReduceSum", ["attention_mask", name("one")], [name("lengths")], keepdims=0),  # [B]
+        helper.make_node("Sub", [name("lengths"), name("one")], [name("last_real")]),
+        helper.make_node("Shape", [hidden], [name("S")], start=1, end=2),  # [1]
+        helper.make_node("Sub", [name("S"), name("one")], [name("last_new")]),
+        helper.make_node("Min", [name("last_real"), name("last_new")], [name("position")]),  # [B]
+        helper.make_node("Unsqueeze", [name("position"), name("last_axis")], [name("position_2d")]),  # [B, 1]
+        helper.make_node("Unsqueeze", [name("position_2d"), name("last_axis")], [name("position_3d")]),
+        helper.make_node("Shape", [hidden], [name("H")], start=2, end=3),
+        helper.make_node("Shape", [name("position_3d")], [name("B1")], end=2),
+        helper.make_node("Concat", [name("B1"), name("H")], [name("index_shape")], axis=0),
+        helper.make_node("Expand", [name("position_3d"), name("index_shape")], [name("index")]),  # [B, 1, H]
+        helper.make_node("GatherElements", [hidden, name("index")], [name("hidden")], axis=1),
+    ]
+    lm_head.input[0] = name("hidden")
+    projected = name("logits")
+    producer.output[list(producer.output).index(LOGITS_OUTPUT)] = projected
+    scatter = [  # [B, S, 1] one-hot of the position times the row's [B, 1, V] logits: [B, S, V]
+        helper.make_node("OneHot", [name("position_2d"), name("S"), name("off_on")], [name("one_hot")], axis=1),
+        helper.make_node("Mul", [name("one_hot"), projected], [LOGITS_OUTPUT], name=f"{prefix}/Scatter"),
+    ]
+    for node in gather + scatter:
+        node.name = node.name or f"{prefix}/{node.op_type}_{node.output[0].rsplit('/', 1)[-1]}"
+    at = nodes.index(lm_head)
+    graph.ClearField("node")
+    graph.node.extend(nodes[:at] + gather + nodes[at:] + scatter)
+    onnx.save(model, str(model_path))
+    return "last token"
 
 
 def pin_batch_dimension(model_path: Path, batch_size: int) -> dict[str, Any]:

@@ -44,6 +44,8 @@ class OnnxRunner(Runner):
         self.threads = threads or default_threads()
         runtime = manifest.runtime if manifest else {}
         self.provider = runtime.get("provider", "cpu")
+        # "last token": the lm_head projects each row's last position only (llmopt.exporters.onnx).
+        self.last_token_logits = runtime.get("logits") == "last token"
         self.model = self._open_model()
         self.vocab_size = int(json.loads((self.path / "genai_config.json").read_text())["model"]["vocab_size"])
 
@@ -174,10 +176,27 @@ class OnnxRunner(Runner):
             )
         generator = self._generator()
         # The batch dimension is pinned: feed batch_size copies and read the first row.
-        generator.append_tokens(np.array([token_ids] * self.batch_size, dtype=np.int32))
-        logits = generator.get_output("logits")[0]
+        if not self.last_token_logits:
+            generator.append_tokens(np.array([token_ids] * self.batch_size, dtype=np.int32))
+            logits = np.asarray(generator.get_output("logits")[0], dtype=np.float32)
+        else:  # the graph projects the last position only: teacher-forced one token at a time
+            logits = np.stack(list(self._forced_logits(generator, token_ids)))
         del generator
-        return np.asarray(logits, dtype=np.float32)[:, : self.vocab_size]
+        return logits[:, : self.vocab_size]
+
+    def _forced_logits(self, generator, token_ids: list[int]):
+        """Each position's logits, the next token forced by greedy search on logits that allow only it
+        (onnxruntime-genai appends tokens once per generator when the batch has more than one row)."""
+        generator.append_tokens(np.full((self.batch_size, 1), token_ids[0], dtype=np.int32))
+        forced = np.full((self.batch_size, 1, self.vocab_size), np.finfo(np.float32).min, dtype=np.float32)
+        for index, token in enumerate(token_ids):
+            logits = np.array(generator.get_logits(), dtype=np.float32)
+            yield logits[0, -1]
+            if index + 1 < len(token_ids):
+                forced[..., :] = np.finfo(np.float32).min
+                forced[..., token_ids[index + 1]] = 0.0
+                generator.set_logits(forced)
+                generator.generate_next_token()
 
     def close(self) -> None:
         self.model = None
