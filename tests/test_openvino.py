@@ -88,7 +88,7 @@ def test_plan_names_the_export_call_the_pinned_batch_and_the_runtime():
     assert (export_call["task"], export_call["stateful"]) == ("text-generation-with-past", True)
     assert export_call["ov_config"] == {"dtype": "fp32", "quantization_config": None}
     assert plan["reshape"] == {"input_ids": [4, -1], "attention_mask": [4, -1], "position_ids": [4, -1], "beam_idx": [4]}
-    assert plan["save"]["compress_to_fp16"] is False
+    assert plan["pin"]["weights"].startswith("openvino_model.bin as optimum-intel saved it")
     assert plan["tokenizer"]["with_detokenizer"] is True
     runtime = plan["runtime"]
     assert runtime["loader"] == "openvino-genai" and runtime["device"] == "CPU"
@@ -99,7 +99,8 @@ def test_plan_names_the_export_call_the_pinned_batch_and_the_runtime():
 
 def test_plan_follows_the_precision_and_the_recipe_ov_config():
     fp16 = api.plan(openvino_recipe("some/model", **{"precision.dtype": "fp16"}))["plan"]
-    assert fp16["save"]["compress_to_fp16"] is True and fp16["runtime"]["ov_config"] == {}
+    assert fp16["export"]["model_loading_kwargs"] == {"torch_dtype": "float16"}
+    assert fp16["export"]["ov_config"]["dtype"] == "fp16" and fp16["runtime"]["ov_config"] == {}
     bf16 = api.plan(openvino_recipe("some/model", **{"precision.dtype": "bf16"}))["plan"]
     assert bf16["export"]["model_loading_kwargs"] == {"torch_dtype": "bfloat16"}
     assert bf16["runtime"]["ov_config"] == {"INFERENCE_PRECISION_HINT": "bf16"}

@@ -2,11 +2,12 @@
 
 optimum-intel traces the checkpoint into one IR whose key/value cache lives in internal state
 (inputs ``input_ids``, ``attention_mask``, ``position_ids``, ``beam_idx``). We pin the batch
-dimension of those inputs to ``batch_size`` and save the weights exactly as the recipe asks:
-fp32 as is, fp16 compressed to fp16, bf16 traced and stored in bf16, and never optimum-intel's
-automatic int8 compression of models over a billion parameters. openvino-tokenizers writes
-``openvino_tokenizer.xml`` / ``openvino_detokenizer.xml`` beside the model, so the artifact also
-loads in plain ``openvino_genai.LLMPipeline(path, "CPU")`` with no llmopt code.
+dimension of those inputs to ``batch_size`` in the IR's XML (the .bin optimum-intel wrote is the
+artifact's as is) and keep the weights exactly as the recipe asks: fp32 as is, fp16 and bf16 traced
+and stored in their dtype, and never optimum-intel's automatic int8 compression of models over a
+billion parameters. openvino-tokenizers writes ``openvino_tokenizer.xml`` /
+``openvino_detokenizer.xml`` beside the model, so the artifact also loads in plain
+``openvino_genai.LLMPipeline(path, "CPU")`` with no llmopt code.
 
 OpenVINO's CPU plugin runs fp32 IR in bf16 on CPUs that have it, and keeps the f16 key/value
 cache optimum-intel writes into the IR's rt_info, unless told otherwise; so an fp32 artifact
@@ -26,6 +27,7 @@ import json
 import shutil
 from pathlib import Path
 from typing import Any, Iterator
+from xml.etree import ElementTree
 
 from llmopt import events
 from llmopt._deps import require
@@ -38,6 +40,7 @@ LOADER = "openvino-genai"
 EXPORTER = "optimum.exporters.openvino.main_export"
 TASK = "text-generation-with-past"
 MODEL_FILE = "openvino_model.xml"
+WEIGHTS_FILE = "openvino_model.bin"
 TOKENIZER_FILE = "openvino_tokenizer.xml"
 DETOKENIZER_FILE = "openvino_detokenizer.xml"
 DEVICES = ("CPU", "GPU", "NPU", "AUTO")
@@ -51,9 +54,11 @@ PRECISION_OPTIONS = {
     "fp16": {},
     "bf16": {"INFERENCE_PRECISION_HINT": "bf16"},
 }
-# The torch dtype the checkpoint is traced in: fp16 is traced in fp32 and compressed when saved.
-TRACE_DTYPES = {"fp32": "float32", "fp16": "float32", "bf16": "bfloat16"}
-# optimum-intel's OVConfig.dtype: "fp16" compresses weights on save; None keeps the traced dtype.
+# The torch dtype the checkpoint is traced in: 16-bit recipes never hold a 4-byte copy of the weights
+# (optimum-intel then traces with OpenVINO's 16-bit patch: 16-bit weight constants, fp32 activations).
+TRACE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# optimum-intel's OVConfig.dtype: "fp16" compresses what is left in fp32 (norms) when it saves the
+# IR, which is the artifact's .bin as is; None keeps the traced dtype.
 OPTIMUM_DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": None}
 
 
@@ -100,10 +105,9 @@ class OpenVINOExporter(Exporter):
                 "weights": "no compression (an explicit ov_config turns off optimum-intel's int8 default above 1B parameters)",
             },
             "reshape": reshape_shapes(recipe.shapes.batch_size),
-            "save": {
-                "call": "openvino.save_model",
-                "file": MODEL_FILE,
-                "compress_to_fp16": dtype == "fp16",
+            "pin": {
+                "edit": f"the Parameter shapes in {MODEL_FILE}",
+                "weights": f"{WEIGHTS_FILE} as optimum-intel saved it (moved, not saved again)",
             },
             "tokenizer": {
                 "call": "openvino_tokenizers.convert_tokenizer",
@@ -133,10 +137,9 @@ class OpenVINOExporter(Exporter):
                 "shapes.batch_size above 1 is not supported on openvino for models with soft-capped attention "
                 "(Gemma 2): their eager-traced IR runs only in the stateful SDPA pipeline; accepted: 1",
                 hint="set shapes.batch_size: 1, or use target onnx")
-        # The IR is re-saved after the reshape, and never over the file it was read from (memory-mapped).
         traced = workdir / "optimum-export"
         run_optimum_export(recipe, checkpoint, traced)
-        shapes = pin_batch_dimension(recipe, traced / MODEL_FILE, workdir / MODEL_FILE)
+        shapes = pin_batch_dimension(recipe, traced, workdir)
         for path in traced.iterdir():  # config.json, generation_config.json, tokenizer files
             if path.name.startswith("openvino_model."):
                 continue
@@ -230,23 +233,46 @@ def run_optimum_export(recipe: Recipe, checkpoint: Path, output: Path) -> None:
         raise LlmoptError(f"optimum-intel wrote no {MODEL_FILE} for {recipe.model.id}")
 
 
-def pin_batch_dimension(recipe: Recipe, source: Path, destination: Path) -> dict[str, Any]:
-    """Fix the batch dimension of the IR's inputs and save it; return the io shapes."""
+def pin_batch_dimension(recipe: Recipe, traced: Path, workdir: Path) -> dict[str, Any]:
+    """Fix the batch dimension of the IR's inputs in its XML alone; return the io shapes.
+
+    A reshape and ``openvino.save_model`` would write the .bin again, reading every page of the
+    memory-mapped weights (the whole model resident a second time); Parameter shapes live in the XML.
+    """
     ov = require("openvino", extra="openvino")
-    model = ov.Core().read_model(source)
-    names = {port.get_any_name() for port in model.inputs}
+    tree = ElementTree.parse(traced / MODEL_FILE)
+    parameters = [layer for layer in tree.iter("layer") if layer.get("type") == "Parameter"]
+    names = {name for layer in parameters for name in port_names(layer)}
     missing = sorted(set(REQUIRED_INPUTS) - names)
     if missing:
         raise LlmoptError(f"the exported IR lacks the stateful inputs {', '.join(missing)} (has {', '.join(sorted(names))})")
-    model.reshape({name: ov.PartialShape(shape) for name, shape in reshape_shapes(recipe.shapes.batch_size).items()
-                   if name in names})
-    shapes = {
+    for layer in parameters:
+        if set(port_names(layer)) & set(BATCHED_INPUTS):
+            pin_first_dimension(layer, recipe.shapes.batch_size)
+    shutil.move(traced / WEIGHTS_FILE, workdir / WEIGHTS_FILE)
+    tree.write(workdir / MODEL_FILE, encoding="utf-8", xml_declaration=True)
+    model = ov.Core().read_model(workdir / MODEL_FILE)  # the weights stay mapped, unread
+    pinned = reshape_shapes(recipe.shapes.batch_size)
+    wrong = sorted(name for name in names & set(pinned) if model.input(name).get_partial_shape() != ov.PartialShape(pinned[name]))
+    if wrong:
+        raise LlmoptError(f"OpenVINO reads the pinned IR's inputs {', '.join(wrong)} with other shapes than {pinned}")
+    return {
         "inputs": {port.get_any_name(): str(port.get_partial_shape()) for port in model.inputs},
         "outputs": {port.get_any_name(): str(port.get_partial_shape()) for port in model.outputs},
         "states": len(model.get_sinks()),
     }
-    ov.save_model(model, destination, compress_to_fp16=recipe.precision.dtype == "fp16")
-    return shapes
+
+
+def port_names(parameter: ElementTree.Element) -> list[str]:
+    port = parameter.find("output/port")
+    return (port.get("names") or "").split(",") if port is not None else []
+
+
+def pin_first_dimension(parameter: ElementTree.Element, size: int) -> None:
+    """The first dimension of a Parameter layer, in its shape attribute and in its output port's dims."""
+    data = parameter.find("data")
+    data.set("shape", ",".join([str(size), *data.get("shape").split(",")[1:]]))
+    parameter.find("output/port/dim").text = str(size)
 
 
 def convert_tokenizer(checkpoint: Path, workdir: Path, trust_remote_code: bool) -> None:
