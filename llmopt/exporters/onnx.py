@@ -214,8 +214,8 @@ def project_last_token_only(model_path: Path) -> str:
     position first (``Min(ReduceSum(attention_mask) - 1, S - 1)``: the last real token of a
     right-padded prompt that starts the sequence, position 0 of a decode step), and the logits
     output keeps its ``[batch, S, vocab]`` shape, which onnxruntime-genai 0.11 binds, as that row
-    scattered by a one-hot over S (zeros elsewhere). Prefill then costs one lm_head row instead of
-    S. Teacher-forced logits of every position (the parity check) come token by token
+    repeated over S (an Expand: a copy, cheaper than any scatter). Prefill then costs one lm_head row
+    instead of S. Teacher-forced logits of every position (the parity check) come token by token
     (``OnnxRunner.logits``). A graph without the builder's ``/lm_head/MatMul`` is left whole.
     """
     onnx = require("onnx", extra="onnx")
@@ -228,15 +228,13 @@ def project_last_token_only(model_path: Path) -> str:
     if lm_head is None or producer is None or "attention_mask" not in {value.name for value in graph.input}:
         return "all positions"
     hidden, prefix = lm_head.input[0], "/lm_head/last_token"
-    logits_type = next(value for value in graph.output if value.name == LOGITS_OUTPUT).type.tensor_type.elem_type
 
     def name(part: str) -> str:
         return f"{prefix}/{part}"
 
     graph.initializer.extend([
         numpy_helper.from_array(np.array([1], dtype=np.int64), name("one")),
-        numpy_helper.from_array(np.array([-1], dtype=np.int64), name("last_axis")),
-        numpy_helper.from_array(np.array([0, 1], dtype=helper.tensor_dtype_to_np_dtype(logits_type)), name("off_on")),
+        numpy_helper.from_array(np.array([1, 2], dtype=np.int64), name("row_axes")),
     ])
     gather = [
         helper.make_node("ReduceSum", ["attention_mask", name("one")], [name("lengths")], keepdims=0),  # [B]
@@ -244,8 +242,7 @@ def project_last_token_only(model_path: Path) -> str:
         helper.make_node("Shape", [hidden], [name("S")], start=1, end=2),  # [1]
         helper.make_node("Sub", [name("S"), name("one")], [name("last_new")]),
         helper.make_node("Min", [name("last_real"), name("last_new")], [name("position")]),  # [B]
-        helper.make_node("Unsqueeze", [name("position"), name("last_axis")], [name("position_2d")]),  # [B, 1]
-        helper.make_node("Unsqueeze", [name("position_2d"), name("last_axis")], [name("position_3d")]),
+        helper.make_node("Unsqueeze", [name("position"), name("row_axes")], [name("position_3d")]),  # [B, 1, 1]
         helper.make_node("Shape", [hidden], [name("H")], start=2, end=3),
         helper.make_node("Shape", [name("position_3d")], [name("B1")], end=2),
         helper.make_node("Concat", [name("B1"), name("H")], [name("index_shape")], axis=0),
@@ -255,15 +252,17 @@ def project_last_token_only(model_path: Path) -> str:
     lm_head.input[0] = name("hidden")
     projected = name("logits")
     producer.output[list(producer.output).index(LOGITS_OUTPUT)] = projected
-    scatter = [  # [B, S, 1] one-hot of the position times the row's [B, 1, V] logits: [B, S, V]
-        helper.make_node("OneHot", [name("position_2d"), name("S"), name("off_on")], [name("one_hot")], axis=1),
-        helper.make_node("Mul", [name("one_hot"), projected], [LOGITS_OUTPUT], name=f"{prefix}/Scatter"),
+    expand = [  # the row's [B, 1, V] logits expanded to the [B, S, V] output
+        helper.make_node("Shape", [hidden], [name("BS")], end=2),
+        helper.make_node("Shape", [projected], [name("V")], start=2),
+        helper.make_node("Concat", [name("BS"), name("V")], [name("logits_shape")], axis=0),
+        helper.make_node("Expand", [projected, name("logits_shape")], [LOGITS_OUTPUT], name=f"{prefix}/Expand"),
     ]
-    for node in gather + scatter:
+    for node in gather + expand:
         node.name = node.name or f"{prefix}/{node.op_type}_{node.output[0].rsplit('/', 1)[-1]}"
     at = nodes.index(lm_head)
     graph.ClearField("node")
-    graph.node.extend(nodes[:at] + gather + nodes[at:] + scatter)
+    graph.node.extend(nodes[:at] + gather + nodes[at:] + expand)
     onnx.save(model, str(model_path))
     return "last token"
 
