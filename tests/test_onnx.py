@@ -190,6 +190,23 @@ def test_prefill_projects_only_each_rows_last_token(untied_b4, untied_llama):
                                       err_msg=f"row {row}: positions other than its last token were projected")
 
 
+def test_reused_greedy_generator_starts_each_call_afresh(untied_b4):
+    """The greedy generator is rewound, not rebuilt, between calls: no state leaks from the call before."""
+    from llmopt.runners.onnx import OnnxRunner
+
+    rows = [[1, 17, 42, 99, 7, 300, 12], [5, 6], [1, 2, 3, 4, 5], [250]]
+    greedy = SamplingConfig(max_new_tokens=12)
+    runner = OnnxRunner.load(untied_b4)
+    runner.generate([[9, 8, 7, 6, 5, 4, 3, 2, 1]] * 4, SamplingConfig(max_new_tokens=40))
+    reused = runner.generate(rows, greedy)
+    assert runner._idle_generator is not None
+    fresh = OnnxRunner.load(untied_b4).generate(rows, greedy)
+    assert [s.token_ids for s in reused.sequences] == [s.token_ids for s in fresh.sequences]
+    sampled = SamplingConfig(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=3)
+    assert [s.token_ids for s in runner.generate(rows, sampled).sequences] == \
+        [s.token_ids for s in runner.generate(rows, sampled).sequences]
+
+
 def test_sequence_length_beyond_the_model_context_is_refused(tiny_llama, tmp_path):
     needs_onnxruntime_genai()
     output = tmp_path / "too-long"
