@@ -102,7 +102,8 @@ def test_int4_from_checkpoint(tiny_int4):
     details = manifest.runtime["quantization"]
     assert details["method"] == "hqq" and details["group_size"] == 32  # hidden 64: the largest of 32, 16
     weights = details["weights"]
-    assert weights["u4_tensors"] == 14 and weights["i8_tensors"] == 1  # 2 layers x 7 linears; tied embedding
+    # 2 layers x 7 linears, q/k/v and gate/up merged: 2 x 4 int4 weights; the tied embedding int8
+    assert details["merged_matmuls"] == 6 and weights["u4_tensors"] == 8 and weights["i8_tensors"] == 1
     validation = manifest.validation
     for key in ("top1_agreement", "mean_kl", "perplexity", "reference_perplexity"):
         assert key in validation
@@ -110,6 +111,30 @@ def test_int4_from_checkpoint(tiny_int4):
     assert manifest.runtime["ov_config"]["KV_CACHE_PRECISION"] == "u8"
     results = api.run(tiny_int4, ["Hello"], max_new_tokens=4)
     assert results[0].token_ids
+
+
+def test_merging_parallel_linears_is_exact(tiny_fp):
+    """q/k/v and gate/up as one MatMul each and a VariadicSplit: the same logits, fewer MatMuls."""
+    import numpy as np
+    import openvino as ov
+
+    from llmopt.quantize.openvino_hqq import fuse_parallel_linears
+
+    core = ov.Core()
+    original = core.read_model(tiny_fp / "openvino_model.xml")
+    merged = core.read_model(tiny_fp / "openvino_model.xml")
+    assert fuse_parallel_linears(merged) == 6  # per layer: q, k, v -> 1 and gate, up -> 1
+    count = lambda model: sum(op.get_type_name() == "MatMul" for op in model.get_ops())  # noqa: E731
+    assert count(merged) == count(original) - 6
+    length = 7
+    feeds = {"input_ids": np.arange(3, 3 + length, dtype=np.int64)[None], "attention_mask": np.ones((1, length), np.int64),
+             "position_ids": np.arange(length, dtype=np.int64)[None], "beam_idx": np.zeros(1, np.int32)}
+    logits = []
+    for model in (original, merged):
+        request = core.compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
+        request.infer(feeds)
+        logits.append(request.get_tensor("logits").data.copy())
+    np.testing.assert_allclose(logits[1], logits[0], rtol=1e-5, atol=1e-5)
 
 
 def test_requantize_fp_artifact_keeps_shapes(tiny_fp, tmp_path):
@@ -120,7 +145,8 @@ def test_requantize_fp_artifact_keeps_shapes(tiny_fp, tmp_path):
     assert manifest.source["artifact"] == str(tiny_fp)
     assert manifest.validation["reference"] == f"artifact {tiny_fp}"
     assert manifest.runtime["quantization"]["method"] == "nncf"
-    assert manifest.runtime["quantization"]["weights"]["u8_tensors"] >= 14
+    assert manifest.runtime["quantization"]["merged_matmuls"] == 6  # int8 per output channel: merged too
+    assert manifest.runtime["quantization"]["weights"]["u8_tensors"] >= 8
     assert report.size_bytes < api.directory_size(tiny_fp)
 
 

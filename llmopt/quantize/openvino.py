@@ -34,7 +34,7 @@ from llmopt import events
 from llmopt._deps import require
 from llmopt.errors import RecipeError
 from llmopt.quantize import calibration, check_format_and_shapes, choose_group_size, hqq, matmul_input_sizes, read_config
-from llmopt.quantize.openvino_hqq import compress_hqq
+from llmopt.quantize.openvino_hqq import compress_hqq, fuse_parallel_linears
 from llmopt.quantize.openvino_nncf import CALIBRATION_TOKENS, DECODE_STEPS, compress_nncf
 from llmopt.recipe import Recipe
 
@@ -213,6 +213,13 @@ def runtime_ov_config(recipe: Recipe, base: dict[str, Any]) -> dict[str, Any]:
     return ov_config
 
 
+def fuses_linears(recipe: Recipe) -> bool:
+    """Whether the linears that read one activation become one MatMul before compression: where the
+    compression is data-free and row by row (HQQ's int4 groups, int8 per output channel), so every
+    row is quantized as it would be alone. SmolLM2 int4 HQQ decodes 1.3-1.45x faster (bench/)."""
+    return method_of(recipe) == "hqq" or recipe.quantization.weight_format == "int8"
+
+
 def plan(recipe: Recipe, runtime: dict[str, Any]) -> dict[str, Any]:
     """The weight compression after the fp export, and the runtime options it leaves. Pure."""
     check(recipe)
@@ -222,6 +229,8 @@ def plan(recipe: Recipe, runtime: dict[str, Any]) -> dict[str, Any]:
         f"largest of {', '.join(map(str, candidates))} dividing every layer's input size")
     compression = {"call": "nncf.compress_weights" if method_of(recipe) == "nncf" else "llmopt.quantize.hqq",
                    **compression_arguments(recipe, group_size)}
+    if fuses_linears(recipe):
+        compression["merge"] = "the MatMuls that read one activation (q/k/v, gate/up) become one, then a VariadicSplit"
     if needs_data(recipe):
         compression["calibration"] = {
             "dataset": q.dataset or DEFAULT_DATASET, "samples": q.num_samples,
@@ -268,6 +277,9 @@ def compress_file(recipe: Recipe, source: Path, destination: Path, group_size: i
     model = ov.Core().read_model(source)
     arguments = compression_arguments(recipe, group_size)
     events.info("compressing weights (" + ", ".join(f"{key}={value}" for key, value in arguments.items()) + ")")
+    merged = fuse_parallel_linears(model) if fuses_linears(recipe) else 0
+    if merged:
+        events.info(f"{merged} MatMuls merged into others that read the same activation")
     if arguments["method"] == "hqq":
         compress_hqq(model, group_size, recipe.quantization.all_layers, integer_zero_points=True)
     else:
@@ -278,7 +290,7 @@ def compress_file(recipe: Recipe, source: Path, destination: Path, group_size: i
     del model
     os.replace(staged.with_suffix(".bin"), destination.with_suffix(".bin"))
     os.replace(staged, destination)
-    return {**arguments, "weights": weight_statistics(destination)}
+    return {**arguments, "merged_matmuls": merged, "weights": weight_statistics(destination)}
 
 
 def weight_statistics(model_path: Path) -> dict[str, int]:
