@@ -13,7 +13,9 @@
 4. llmopt's overhead over the bare native loops (bench/native_overhead.py);
 5. the performance goals (README), checked against rows of this one run: goals.json.
 
-    python bench/run_all.py [--quick] [--sweep] [-r 5]    # --quick: 16 new tokens, 2 repetitions (a smoke run)
+    python bench/run_all.py [--quick] [--sweep] [-r 5] [--compare DIR ...]
+    # --quick: 16 new tokens, 2 repetitions (a smoke run); --compare: more artifacts (say, built by an earlier
+    # llmopt) measured in the same run, outside the goals
 """
 
 from __future__ import annotations
@@ -120,6 +122,9 @@ def main(argv: list[str] | None = None) -> int:
                                                               "(default: the goals' case, 128 in, 128 new)")
     parser.add_argument("--baseline", default="pytorch:all", help="as llmopt bench --baseline")
     parser.add_argument("-r", "--repetitions", type=int, default=5)
+    parser.add_argument("--compare", nargs="*", default=[], metavar="ARTIFACT",
+                        help="more artifacts in the same run (e.g. the same recipes built by an earlier llmopt, for a "
+                             "before/after with its baseline from this run); reported, not counted in the goals")
     args = parser.parse_args(argv)
 
     import membw
@@ -141,8 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     log(f"copy {bandwidth['copy_gb_s']} GB/s, sum {bandwidth['sum_gb_s']} GB/s")
 
     peer = llamacpp_subject()
+    compared = list(args.compare)
     config = BenchConfig(
-        artifacts=[str(ROOT / path) for path in artifacts], baselines=parse_baselines([args.baseline]),
+        artifacts=[str(ROOT / path) for path in artifacts] + compared, baselines=parse_baselines([args.baseline]),
         baseline_model=str(CHECKPOINT),
         input_ratios=[0.25, 0.5, 0.75] if args.sweep else None,
         input_lengths=None if args.sweep else [GOAL_INPUT], new_tokens=16 if args.quick else 128,
@@ -172,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     for item in overhead:
         log(f"{item['artifact']}: " + (item.get("skipped") or f"ratio to native {item['ratio_to_native']}, ok={item['ok']}"))
 
-    checks = goals(result.rows, bounds, overhead)
+    checks = goals([row for row in result.rows if row["subject"] not in compared], bounds, overhead)
     (RESULTS / "goals.json").write_text(json.dumps(checks, indent=2))
     for item in checks:
         verdict = {True: "met", False: "NOT met", None: "not measured"}[item["met"]]
