@@ -203,15 +203,14 @@ class OnnxRunner(Runner):
         """Each position's logits, the next token forced by greedy search on logits that allow only it
         (onnxruntime-genai appends tokens once per generator when the batch has more than one row)."""
         generator.append_tokens(np.full((self.batch_size, 1), token_ids[0], dtype=np.int32))
-        forced = np.full((self.batch_size, 1, self.vocab_size), np.finfo(np.float32).min, dtype=np.float32)
-        for index, token in enumerate(token_ids):
-            logits = np.array(generator.get_logits(), dtype=np.float32)
-            yield logits[0, -1]
-            if index + 1 < len(token_ids):
-                forced[..., :] = np.finfo(np.float32).min
-                forced[..., token_ids[index + 1]] = 0.0
-                generator.set_logits(forced)
-                generator.generate_next_token()
+        yield np.array(generator.get_logits(), dtype=np.float32)[0, -1]
+        forced = np.empty((self.batch_size, 1, self.vocab_size), dtype=np.float32)
+        for token in token_ids[1:]:
+            forced.fill(np.finfo(np.float32).min)
+            forced[..., token] = 0.0
+            generator.set_logits(forced)
+            generator.generate_next_token()
+            yield np.array(generator.get_logits(), dtype=np.float32)[0, -1]
 
     def close(self) -> None:
         self._idle_generator = None
