@@ -9,7 +9,7 @@ runs ``llmopt export`` in a fresh process per measurement and records:
     seconds     wall time of the export command (process start to exit)
     peak_rss    the kernel's high-water mark of the process (``ru_maxrss`` from ``os.wait4`` on that
                 one child, its waited-for children included), plus the sampled peak of the
-                process tree's summed RSS (psutil, every 50 ms) for spawned helpers
+                process tree's memory (psutil, every 50 ms: RSS, or the summed PSS while it has children)
     weights     parameter count x bytes per element in the recipe's precision (fp32 4, fp16/bf16 2)
     ratio       peak_rss / weights (the issue's goal: at most 2)
     steps       the sampled peak RSS inside each llmopt step (``--log-format json`` events)
@@ -105,7 +105,9 @@ def parameter_count(checkpoint: Path) -> int:
 
 
 class TreeSampler(threading.Thread):
-    """Samples the summed RSS of a process and its descendants until stopped."""
+    """Samples the memory of a process and its descendants until stopped: the process' RSS alone, or,
+    while it has children, the tree's summed PSS (a forked child shares its parent's pages, which a sum
+    of RSS counts twice: OpenVINO's telemetry forks the whole exporting process to send one event)."""
 
     def __init__(self, pid: int, interval_s: float = 0.05):
         super().__init__(daemon=True)
@@ -119,10 +121,11 @@ class TreeSampler(threading.Thread):
 
         while not self.stopped.is_set():
             try:
-                total = self.root.memory_info().rss
-                for child in self.root.children(recursive=True):
+                children = self.root.children(recursive=True)
+                total = self.root.memory_full_info().pss if children else self.root.memory_info().rss
+                for child in children:
                     try:
-                        total += child.memory_info().rss
+                        total += child.memory_full_info().pss
                     except psutil.Error:
                         pass
             except psutil.Error:
