@@ -12,7 +12,7 @@ runs ``llmopt export`` in a fresh process per measurement and records:
                 process tree's memory (psutil, every 50 ms: RSS, or the summed PSS while it has children)
     weights     parameter count x bytes per element in the recipe's precision (fp32 4, fp16/bf16 2)
     ratio       peak_rss / weights (the issue's goal: at most 2)
-    steps       the sampled peak RSS inside each llmopt step (``--log-format json`` events)
+    steps       the sampled peak memory inside each llmopt step (``--log-format json`` events)
 
 Validation thresholds are opened (random weights give near-uniform logits, whose top-1 means
 nothing in fp16/bf16); the parity check itself runs in full, which is what is measured.

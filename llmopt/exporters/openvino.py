@@ -4,10 +4,10 @@ optimum-intel traces the checkpoint into one IR whose key/value cache lives in i
 (inputs ``input_ids``, ``attention_mask``, ``position_ids``, ``beam_idx``). We pin the batch
 dimension of those inputs to ``batch_size`` in the IR's XML (the .bin optimum-intel wrote is the
 artifact's as is) and keep the weights exactly as the recipe asks: fp32 as is, fp16 compressed to
-fp16 when optimum-intel saves the IR, bf16 traced and stored in bf16, and never optimum-intel's automatic int8 compression of models over a
-billion parameters. openvino-tokenizers writes ``openvino_tokenizer.xml`` /
-``openvino_detokenizer.xml`` beside the model, so the artifact also loads in plain
-``openvino_genai.LLMPipeline(path, "CPU")`` with no llmopt code.
+fp16 when optimum-intel saves the IR, bf16 traced and stored in bf16, and never optimum-intel's
+automatic int8 compression of models over a billion parameters. openvino-tokenizers writes
+``openvino_tokenizer.xml`` / ``openvino_detokenizer.xml`` beside the model, so the artifact also
+loads in plain ``openvino_genai.LLMPipeline(path, "CPU")`` with no llmopt code.
 
 OpenVINO's CPU plugin runs fp32 IR in bf16 on CPUs that have it, and keeps the f16 key/value
 cache optimum-intel writes into the IR's rt_info, unless told otherwise; so an fp32 artifact
