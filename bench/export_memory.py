@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Peak memory of ``llmopt export`` (export plus the parity check) over the weights it exports.
 
-Builds once a random-init Llama-shaped checkpoint of about 370M parameters (fp32 safetensors, the
-tokenizer of models/SmolLM2-135M-Instruct; nothing is downloaded), cached under the path it prints.
-Then, for each target and precision the CPU can export (onnx fp32; openvino fp32, fp16, bf16),
-runs ``llmopt export`` in a fresh process per measurement and records:
+Builds once a random-init Llama-shaped checkpoint of about 370M parameters (safetensors, stored in
+fp32, and cast to fp16 / bf16 for the cases that start from a 16-bit checkpoint; the tokenizer of
+models/SmolLM2-135M-Instruct; nothing is downloaded), cached under the paths it prints. Then, for
+each case (target, precision, the checkpoint's stored precision: onnx fp32; openvino fp32, fp16,
+bf16; openvino fp16 from fp16 and from bf16 checkpoints) runs ``llmopt export`` in a fresh process
+per measurement and records:
 
     seconds     wall time of the export command (process start to exit)
     peak_rss    the kernel's high-water mark of the process (``ru_maxrss`` from ``os.wait4`` on that
@@ -12,6 +14,8 @@ runs ``llmopt export`` in a fresh process per measurement and records:
                 process tree's memory (psutil, every 50 ms: RSS, or the summed PSS while it has children)
     weights     parameter count x bytes per element in the recipe's precision (fp32 4, fp16/bf16 2)
     ratio       peak_rss / weights (the issue's goal: at most 2)
+    anon_ratio  the sampled peak of the tree's unreclaimable memory (anonymous + shared memory, PSS)
+                over weights: what a memory limit cannot take back (clean pages of mapped files it can)
     steps       the sampled peak memory inside each llmopt step (``--log-format json`` events)
 
 Validation thresholds are opened (random weights give near-uniform logits, whose top-1 means
@@ -52,8 +56,11 @@ CONFIG = {
     "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
     "initializer_range": 0.02, "torch_dtype": "float32",
 }
-CASES = {"onnx-fp32": ("onnx", "fp32"), "openvino-fp32": ("openvino", "fp32"),
-         "openvino-fp16": ("openvino", "fp16"), "openvino-bf16": ("openvino", "bf16")}
+# case -> (target, recipe precision, precision the checkpoint stores its weights in). Most large
+# checkpoints on the Hub are stored in bf16 or fp16, which the -from- cases export.
+CASES = {"onnx-fp32": ("onnx", "fp32", "fp32"), "openvino-fp32": ("openvino", "fp32", "fp32"),
+         "openvino-fp16": ("openvino", "fp16", "fp32"), "openvino-bf16": ("openvino", "bf16", "fp32"),
+         "openvino-fp16-from-fp16": ("openvino", "fp16", "fp16"), "openvino-fp16-from-bf16": ("openvino", "fp16", "bf16")}
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
 SAFETENSORS_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4}
 OPEN_THRESHOLDS = ["--set", "validation.min_top1_agreement=0", "--set", "validation.max_mean_kl=1e9"]
@@ -69,18 +76,23 @@ BUILD_SCRIPT = """
 import json, sys, torch, transformers
 torch.manual_seed(0)
 config = transformers.LlamaConfig(**json.loads(sys.argv[2]))
-model = transformers.LlamaForCausalLM(config)
+model = transformers.LlamaForCausalLM(config).to(getattr(torch, sys.argv[3]))
+model.config.torch_dtype = getattr(torch, sys.argv[3])
 model.save_pretrained(sys.argv[1], safe_serialization=True, max_shard_size="20GB")
 """
+TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def build_checkpoint(path: Path, python: str) -> Path:
-    """The random-init checkpoint, built in a child process (torch never enters this one) and kept."""
+def build_checkpoint(path: Path, python: str, stored: str = "fp32") -> Path:
+    """The random-init checkpoint stored in ``stored`` precision (the same weights, seed 0, cast),
+    built in a child process (torch never enters this one) and kept."""
+    if stored != "fp32":
+        path = path.with_name(f"{path.name}-{stored}")
     if (path / "config.json").is_file() and list(path.glob("*.safetensors")):
         return path
     partial = path.with_name(path.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    subprocess.run([python, "-c", BUILD_SCRIPT, str(partial), json.dumps(CONFIG)], check=True)
+    subprocess.run([python, "-c", BUILD_SCRIPT, str(partial), json.dumps(CONFIG), TORCH_DTYPES[stored]], check=True)
     for name in TOKENIZER_FILES:
         if (TOKENIZER_SOURCE / name).is_file():
             shutil.copy2(TOKENIZER_SOURCE / name, partial / name)
@@ -105,9 +117,16 @@ def parameter_count(checkpoint: Path) -> int:
 
 
 class TreeSampler(threading.Thread):
-    """Samples the memory of a process and its descendants until stopped: the process' RSS alone, or,
-    while it has children, the tree's summed PSS (a forked child shares its parent's pages, which a sum
-    of RSS counts twice: OpenVINO's telemetry forks the whole exporting process to send one event)."""
+    """Samples the memory of a process and its descendants until stopped, as two series:
+
+    total    the process' RSS alone, or, while it has children, the tree's summed PSS (a forked child
+             shares its parent's pages, which a sum of RSS counts twice: OpenVINO's telemetry forks the
+             whole exporting process to send one event)
+    anon     the tree's summed Pss_Anon + Pss_Shmem (``/proc/PID/smaps_rollup``): the memory the kernel
+             cannot take back without swap. The rest of RSS is clean pages of mapped files (the
+             checkpoint's safetensors, the IR's .bin, libraries), which it drops under pressure and
+             reads again when touched: a cgroup limit (a CI runner's) reclaims them before it kills.
+    """
 
     def __init__(self, pid: int, interval_s: float = 0.05):
         super().__init__(daemon=True)
@@ -123,19 +142,32 @@ class TreeSampler(threading.Thread):
             try:
                 children = self.root.children(recursive=True)
                 total = self.root.memory_full_info().pss if children else self.root.memory_info().rss
+                anon = unreclaimable(self.root.pid)
                 for child in children:
                     try:
                         total += child.memory_full_info().pss
-                    except psutil.Error:
+                        anon += unreclaimable(child.pid)
+                    except (psutil.Error, OSError):
                         pass
-            except psutil.Error:
+            except (psutil.Error, OSError):
                 return
-            self.samples.append((time.time(), total))
+            self.samples.append((time.time(), total, anon))
             self.stopped.wait(self.interval_s)
 
 
-def step_peaks(events: list[dict], samples: list[tuple[float, int]]) -> dict[str, dict]:
-    """The sampled peak RSS inside each step, and the RSS sampled at its end."""
+def unreclaimable(pid: int) -> int:
+    """Pss_Anon + Pss_Shmem of one process, in bytes."""
+    fields = {}
+    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as rollup:
+        for line in rollup:
+            name, _, value = line.partition(":")
+            if name in ("Pss_Anon", "Pss_Shmem"):
+                fields[name] = int(value.split()[0]) * 1024
+    return sum(fields.values())
+
+
+def step_peaks(events: list[dict], samples: list[tuple[float, int, int]]) -> dict[str, dict]:
+    """The sampled peak memory (total and unreclaimable) inside each step, and the total at its end."""
     starts = {}
     peaks = {}
     for event in events:
@@ -145,9 +177,10 @@ def step_peaks(events: list[dict], samples: list[tuple[float, int]]) -> dict[str
         if event.get("event") == "start":
             starts[step] = event["time"]
         elif event.get("event") in ("end", "fail") and step in starts:
-            window = [rss for at, rss in samples if starts[step] <= at <= event["time"]]
-            after = [rss for at, rss in samples if at >= event["time"]]
-            peaks[step] = {"seconds": event.get("seconds"), "peak_rss": max(window, default=0),
+            window = [(total, anon) for at, total, anon in samples if starts[step] <= at <= event["time"]]
+            after = [total for at, total, _ in samples if at >= event["time"]]
+            peaks[step] = {"seconds": event.get("seconds"), "peak_rss": max((t for t, _ in window), default=0),
+                           "peak_anon": max((a for _, a in window), default=0),
                            "rss_at_end": after[0] if after else None}
     return peaks
 
@@ -185,10 +218,12 @@ def measure(source: Path, checkpoint: Path, target: str, dtype: str, python: str
         except ValueError:
             pass
     shutil.rmtree(output, ignore_errors=True)
-    sampled = max((rss for _, rss in sampler.samples), default=0)
+    sampled = max((total for _, total, _ in sampler.samples), default=0)
     result = {"exit_code": process.returncode, "seconds": round(seconds, 1),
               "peak_rss_bytes": max(usage.ru_maxrss * 1024, sampled), "maxrss_bytes": usage.ru_maxrss * 1024,
-              "sampled_tree_peak_bytes": sampled, "steps": step_peaks(events, sampler.samples)}
+              "sampled_tree_peak_bytes": sampled,
+              "peak_anon_bytes": max((anon for _, _, anon in sampler.samples), default=0),
+              "steps": step_peaks(events, sampler.samples)}
     if process.returncode != 0:
         result["error"] = "".join(line for line in stderr_lines if not line.startswith("{"))[-2000:] or stdout[-2000:]
     return result
@@ -208,34 +243,42 @@ def main() -> int:
     unknown = [case for case in cases if case not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; accepted: {', '.join(CASES)}")
-    checkpoint = build_checkpoint(args.checkpoint, args.python)
-    parameters = parameter_count(checkpoint)
-    print(f"checkpoint: {checkpoint} ({parameters / 1e6:.0f}M parameters, fp32 safetensors)", file=sys.stderr)
+    checkpoints = {stored: build_checkpoint(args.checkpoint, args.python, stored)
+                   for stored in sorted({CASES[case][2] for case in cases})}
+    parameters = parameter_count(checkpoints[min(checkpoints)])
+    for stored, checkpoint in checkpoints.items():
+        print(f"checkpoint: {checkpoint} ({parameters / 1e6:.0f}M parameters, {stored} safetensors)", file=sys.stderr)
     trees = ([("before", args.baseline_src.resolve())] if args.baseline_src else []) + [("after", args.llmopt_src.resolve())]
     rows = []
     with tempfile.TemporaryDirectory(prefix="llmopt-export-memory-") as scratch:
         for case in cases:
-            target, dtype = CASES[case]
+            target, dtype, stored = CASES[case]
+            checkpoint = checkpoints[stored]
             weights = parameters * DTYPE_BYTES[dtype]
             for label, source in trees:
                 print(f"{case} ({label}, {source}) ...", file=sys.stderr, flush=True)
                 result = measure(source, checkpoint, target, dtype, args.python, Path(scratch), not args.no_validate)
-                row = {"case": case, "target": target, "dtype": dtype, "tree": label, "source": str(source),
+                row = {"case": case, "target": target, "dtype": dtype, "stored": stored, "tree": label, "source": str(source),
                        "parameters": parameters, "weight_bytes": weights,
-                       "ratio": round(result["peak_rss_bytes"] / weights, 2), **result}
+                       "ratio": round(result["peak_rss_bytes"] / weights, 2),
+                       "anon_ratio": round(result["peak_anon_bytes"] / weights, 2), **result}
                 rows.append(row)
                 print(f"  {row['seconds']:.0f} s, peak {row['peak_rss_bytes'] / GIB:.2f} GiB, "
-                      f"{row['ratio']:.2f}x weights" + (f", FAILED: {row.get('error', '')[-300:]}" if row["exit_code"] else ""),
+                      f"{row['ratio']:.2f}x weights, unreclaimable {row['anon_ratio']:.2f}x" + (f", FAILED: {row.get('error', '')[-300:]}" if row["exit_code"] else ""),
                       file=sys.stderr, flush=True)
-    print(f"{'case':<15} {'tree':<7} {'seconds':>8} {'peak GiB':>9} {'weights GiB':>12} {'peak/weights':>13}  peak step")
+    print(f"{'case':<15} {'tree':<7} {'seconds':>8} {'weights GiB':>12} {'peak GiB':>9} {'peak/weights':>13}  "
+          f"{'unreclaimable GiB':>18} {'unreclaimable/weights':>22}  peak step (total, unreclaimable)")
     for row in rows:
         steps = row["steps"]
         peak_step = max(steps, key=lambda name: steps[name]["peak_rss"]) if steps else "-"
-        print(f"{row['case']:<15} {row['tree']:<7} {row['seconds']:>8.0f} {row['peak_rss_bytes'] / GIB:>9.2f} "
-              f"{row['weight_bytes'] / GIB:>12.2f} {row['ratio']:>12.2f}x  {peak_step}"
+        anon_step = max(steps, key=lambda name: steps[name]["peak_anon"]) if steps else "-"
+        print(f"{row['case']:<15} {row['tree']:<7} {row['seconds']:>8.0f} {row['weight_bytes'] / GIB:>12.2f} "
+              f"{row['peak_rss_bytes'] / GIB:>9.2f} {row['ratio']:>12.2f}x  {row['peak_anon_bytes'] / GIB:>18.2f} "
+              f"{row['anon_ratio']:>21.2f}x  {peak_step}, {anon_step}"
               + ("  (failed)" if row["exit_code"] else ""))
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"checkpoint": str(checkpoint), "parameters": parameters, "rows": rows}, indent=2) + "\n")
+    args.json.write_text(json.dumps({"checkpoints": {stored: str(path) for stored, path in checkpoints.items()},
+                                     "parameters": parameters, "rows": rows}, indent=2) + "\n")
     print(f"wrote {args.json}", file=sys.stderr)
     return 1 if any(row["exit_code"] for row in rows) else 0
 

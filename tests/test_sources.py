@@ -419,3 +419,17 @@ def test_smollm2_through_onnxruntime_genai(genai_tokenizer, hf_tok, text):
     assert ids == hf_tok.encode(text)
     assert -1 not in ids
     assert genai_tokenizer.decode(ids) == _detokenized(hf_tok, text)
+
+
+def test_stored_dtype_is_read_from_the_safetensors_headers(tmp_path):
+    """The precision most weight bytes are stored in, whatever config.json says; None without safetensors."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    write_config(tmp_path, model_type="llama", torch_dtype="float32")
+    assert sources.stored_dtype(tmp_path) is None
+    save_file({"big": np.zeros((64, 64), np.float16), "norm": np.zeros(64, np.float32),
+               "ids": np.zeros(4096, np.int64)}, tmp_path / "model-00001-of-00002.safetensors")
+    assert sources.stored_dtype(tmp_path) == "fp16"
+    save_file({"bigger": np.zeros((64, 64), np.float32)}, tmp_path / "model-00002-of-00002.safetensors")
+    assert sources.stored_dtype(tmp_path) == "fp32"

@@ -3,11 +3,12 @@
 optimum-intel traces the checkpoint into one IR whose key/value cache lives in internal state
 (inputs ``input_ids``, ``attention_mask``, ``position_ids``, ``beam_idx``). We pin the batch
 dimension of those inputs to ``batch_size`` in the IR's XML (the .bin optimum-intel wrote is the
-artifact's as is) and keep the weights exactly as the recipe asks: fp32 as is, fp16 compressed to
-fp16 when optimum-intel saves the IR, bf16 traced and stored in bf16, and never optimum-intel's
-automatic int8 compression of models over a billion parameters. openvino-tokenizers writes
-``openvino_tokenizer.xml`` / ``openvino_detokenizer.xml`` beside the model, so the artifact also
-loads in plain ``openvino_genai.LLMPipeline(path, "CPU")`` with no llmopt code.
+artifact's as is) and keep the weights exactly as the recipe asks: fp32 as is, fp16 traced in fp16
+(from an fp32 checkpoint: traced in fp32 and compressed when optimum-intel saves the IR), bf16 traced
+and stored in bf16, and never optimum-intel's automatic int8 compression of models over a billion
+parameters. openvino-tokenizers writes ``openvino_tokenizer.xml`` / ``openvino_detokenizer.xml``
+beside the model, so the artifact also loads in plain ``openvino_genai.LLMPipeline(path, "CPU")``
+with no llmopt code.
 
 OpenVINO's CPU plugin runs fp32 IR in bf16 on CPUs that have it, and keeps the f16 key/value
 cache optimum-intel writes into the IR's rt_info, unless told otherwise; so an fp32 artifact
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any, Iterator
 from xml.etree import ElementTree
 
-from llmopt import events
+from llmopt import events, sources
 from llmopt._deps import require
 from llmopt.architectures import soft_capped
 from llmopt.errors import LlmoptError, RecipeError
@@ -54,10 +55,13 @@ PRECISION_OPTIONS = {
     "fp16": {},
     "bf16": {"INFERENCE_PRECISION_HINT": "bf16"},
 }
-# The torch dtype the checkpoint is traced in. fp16 is traced in fp32 and compressed when optimum-intel
-# saves the IR: tracing in fp16 (OpenVINO's 16-bit patch) peaked higher on the 371M bench checkpoint
-# (3.70x its fp16 weights against 3.43x, bench/export_memory.py), as the cast holds the fp32 file's pages.
-TRACE_DTYPES = {"fp32": "float32", "fp16": "float32", "bf16": "bfloat16"}
+# The torch dtype the checkpoint is traced in. fp16 follows the checkpoint's own storage: one stored in
+# 16 bits is traced in fp16 (optimum-intel's 16-bit tracing, and its default for such checkpoints), so no
+# fp32 copy of the model exists (a 7B fp16 model would need 28 GB for it); one stored in fp32 is traced
+# as stored and compressed when optimum-intel saves the IR, because casting it peaked higher on the 371M
+# bench checkpoint (3.70x its fp16 weights against 3.43x, bench/export_memory.py): the cast reads every
+# page of the fp32 file while it writes the fp16 copy.
+TRACE_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # optimum-intel's OVConfig.dtype: "fp16" compresses the weights when it saves the IR, which is the
 # artifact's .bin as is; None keeps the traced dtype.
 OPTIMUM_DTYPES = {"fp32": "fp32", "fp16": "fp16", "bf16": None}
@@ -100,7 +104,8 @@ class OpenVINOExporter(Exporter):
                 "task": TASK,
                 "stateful": True,
                 "ov_config": {"dtype": OPTIMUM_DTYPES[dtype], "quantization_config": None},
-                "model_loading_kwargs": {"torch_dtype": TRACE_DTYPES[dtype]},
+                "model_loading_kwargs": {"torch_dtype": TRACE_DTYPES[dtype] if dtype != "fp16" else
+                                         "float16 if the checkpoint stores 16-bit weights, else float32"},
                 "local_files_only": True,
                 "trust_remote_code": recipe.model.trust_remote_code,
                 "weights": "no compression (an explicit ov_config turns off optimum-intel's int8 default above 1B parameters)",
@@ -214,7 +219,7 @@ def run_optimum_export(recipe: Recipe, checkpoint: Path, output: Path) -> None:
     main_export = require("optimum.exporters.openvino", extra="openvino", package="optimum-intel").main_export
     configuration = require("optimum.intel.openvino.configuration", extra="openvino", package="optimum-intel")
     dtype = recipe.precision.dtype
-    events.info(f"tracing {recipe.model.id} with optimum-intel ({dtype}, stateful)")
+    events.info(f"tracing {recipe.model.id} with optimum-intel ({dtype}, in {trace_dtype(dtype, checkpoint)}, stateful)")
     with events.backend_output_hidden(), traced_attention(checkpoint):
         main_export(
             str(checkpoint),
@@ -224,7 +229,7 @@ def run_optimum_export(recipe: Recipe, checkpoint: Path, output: Path) -> None:
             # An explicit OVConfig with no quantization_config: optimum-intel then skips its int8 default.
             ov_config=configuration.OVConfig(dtype=OPTIMUM_DTYPES[dtype]),
             # optimum-intel 1.27 reads torch_dtype (not dtype) to set up its 16-bit tracing.
-            model_loading_kwargs={"torch_dtype": getattr(torch, TRACE_DTYPES[dtype])},
+            model_loading_kwargs={"torch_dtype": getattr(torch, trace_dtype(dtype, checkpoint))},
             local_files_only=True,
             trust_remote_code=recipe.model.trust_remote_code,
             library_name="transformers",
@@ -232,6 +237,13 @@ def run_optimum_export(recipe: Recipe, checkpoint: Path, output: Path) -> None:
         )
     if not (output / MODEL_FILE).is_file():
         raise LlmoptError(f"optimum-intel wrote no {MODEL_FILE} for {recipe.model.id}")
+
+
+def trace_dtype(dtype: str, checkpoint: Path) -> str:
+    """The torch dtype optimum-intel loads the checkpoint in for a recipe's precision (see TRACE_DTYPES)."""
+    if dtype == "fp16" and sources.stored_dtype(checkpoint) not in ("fp16", "bf16"):
+        return "float32"
+    return TRACE_DTYPES[dtype]
 
 
 def pin_batch_dimension(recipe: Recipe, traced: Path, workdir: Path) -> dict[str, Any]:

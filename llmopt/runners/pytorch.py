@@ -58,7 +58,7 @@ class PyTorchRunner(Runner):
     speculation_methods = ("prompt-lookup", "draft")
 
     def __init__(self, path: Path, batch_size: int = 1, sequence_length: int = 2048, manifest=None,
-                 mode: str = "eager", dtype: str = "fp32", threads: int | None = None):
+                 mode: str = "eager", dtype: str = "fp32", threads: int | None = None, streamed: bool = False):
         super().__init__(path, batch_size, sequence_length, manifest)
         self.dtype = dtype
         self._draft_model = None
@@ -69,9 +69,16 @@ class PyTorchRunner(Runner):
         if threads:
             torch.set_num_threads(threads)
         self.torch, self.mode = torch, mode
+        placement = {"device_map": device_map} if streamed and (device_map := streamed_device_map(self.path)) else {}
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            self.path, dtype=getattr(torch, TORCH_DTYPES[dtype]), attn_implementation=attention_for(self.path)
+            self.path, dtype=getattr(torch, TORCH_DTYPES[dtype]), attn_implementation=attention_for(self.path), **placement
         ).eval()
+        if placement:
+            from llmopt import memory
+
+            for name, place in placement["device_map"].items():  # a streamed layer's tensors are freed as it ends
+                if place == "disk":
+                    self.model.get_submodule(name).register_forward_hook(lambda *_: memory.trim())
         if mode == "compile":
             self.model.forward = torch.compile(self.model.forward, dynamic=False)
 
@@ -159,15 +166,54 @@ class PyTorchRunner(Runner):
 def reference_logits(checkpoint: Path, max_tokens: int) -> tuple[list[int], np.ndarray]:
     """The parity check's reference: the validation text's token ids and their teacher-forced fp32 logits.
 
-    The model is gone, its memory returned, when this returns, so it never sits beside the artifact's runtime."""
+    The decoder layers stream from the checkpoint's safetensors files (``streamed_device_map``), so the
+    whole model never exists in fp32: a 7B checkpoint stored in 16 bits would need 28 GB for it. The
+    model is gone, its memory returned, when this returns, so it never sits beside the artifact's runtime."""
     from llmopt import validation
 
-    reference = PyTorchRunner.from_checkpoint(checkpoint, threads=1)
+    reference = PyTorchRunner.from_checkpoint(checkpoint, threads=1, streamed=True)
     try:
         token_ids = validation.validation_ids(reference.tokenizer, max_tokens)
         return token_ids, reference.logits(token_ids)
     finally:
         reference.close()
+
+
+def streamed_device_map(checkpoint: Path) -> dict[str, str] | None:
+    """A transformers ``device_map`` that keeps each decoder layer on "disk": accelerate's offload hooks
+    then read the layer's tensors from the checkpoint's own safetensors files, cast to the model's dtype,
+    just before the layer runs, and drop them after, so one layer at a time is resident. Embeddings,
+    final norm and lm_head stay loaded. None (load the whole model) for a checkpoint without safetensors
+    (the offload would first write the weights out), a quantized one, or a model whose decoder layers
+    are not one ModuleList of ``num_hidden_layers``."""
+    import json
+
+    if not any(checkpoint.glob("*.safetensors")):
+        return None
+    config_dict = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
+    if config_dict.get("quantization_config"):
+        return None
+    accelerate = require("accelerate", extra="pytorch")
+    torch = require("torch", extra="pytorch")
+    transformers = require("transformers", extra="pytorch")
+    config = transformers.AutoConfig.from_pretrained(checkpoint)
+    with accelerate.init_empty_weights():
+        skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    count = getattr(config, "num_hidden_layers", None)
+    layers = next((name for name, module in skeleton.named_modules()
+                   if isinstance(module, torch.nn.ModuleList) and len(module) == count and count), None)
+    if layers is None:
+        return None
+    device_map: dict[str, str] = {}
+    for name, _ in [*skeleton.named_parameters(), *skeleton.named_buffers()]:
+        if name.startswith(f"{layers}."):
+            device_map[".".join(name.split(".")[: layers.count(".") + 2])] = "disk"
+        else:
+            owner = name.rpartition(".")[0]
+            if not owner or layers.startswith(f"{owner}."):  # a tensor of a module that holds the layers
+                return None
+            device_map[owner] = "cpu"
+    return device_map
 
 
 def attention_for(checkpoint: Path) -> str:
