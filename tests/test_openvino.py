@@ -192,7 +192,6 @@ def test_fp16_export_of_a_16_bit_checkpoint_is_traced_in_fp16(stored, untied_lla
     assert traced == [torch.float16]
     manifest = artifact.read_manifest(path)
     assert manifest.precision == "fp16" and manifest.validation["passed"]
-    assert manifest.validation["top1_agreement"] == 1.0
     model = ov.Core().read_model(path / "openvino_model.xml")
     weights = [op for op in model.get_ops() if op.get_type_name() == "Constant" and len(op.shape) == 2]
     assert weights and all(op.get_element_type() == ov.Type.f16 for op in weights)
