@@ -53,7 +53,8 @@ ROOT = HERE.parent
 TOKENIZER_SOURCE = ROOT / "models" / "SmolLM2-135M-Instruct"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "vocab.json", "merges.txt")
-# Llama-shaped, untied embeddings (like the 7B models the goal is about): 369M parameters.
+# Llama-shaped, untied embeddings (like the 7B models the goal is about): 369M parameters by default;
+# --size 1.2b is TinyLlama-shaped (1.17B), where the libraries' fixed share of the peak is a third as large.
 CONFIG = {
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 1024, "intermediate_size": 2816,
     "num_hidden_layers": 24, "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64,
@@ -61,6 +62,8 @@ CONFIG = {
     "tie_word_embeddings": False, "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
     "initializer_range": 0.02, "torch_dtype": "float32",
 }
+SIZES = {"370m": CONFIG, "1.2b": {**CONFIG, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                                  "num_attention_heads": 32, "num_key_value_heads": 4}}
 # case -> (target, recipe precision, precision the checkpoint stores its weights in). Most large
 # checkpoints on the Hub are stored in bf16 or fp16, which the -from- cases export.
 CASES = {"onnx-fp32": ("onnx", "fp32", "fp32"), "openvino-fp32": ("openvino", "fp32", "fp32"),
@@ -72,9 +75,9 @@ OPEN_THRESHOLDS = ["--set", "validation.min_top1_agreement=0", "--set", "validat
 GIB = 2**30
 
 
-def default_checkpoint_dir() -> Path:
+def default_checkpoint_dir(size: str = "370m") -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "llmopt" / "bench" / "export-memory-llama-369m"
+    return cache / "llmopt" / "bench" / ("export-memory-llama-369m" if size == "370m" else f"export-memory-llama-{size}")
 
 
 BUILD_SCRIPT = """
@@ -88,7 +91,7 @@ model.save_pretrained(sys.argv[1], safe_serialization=True, max_shard_size="20GB
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def build_checkpoint(path: Path, python: str, stored: str = "fp32") -> Path:
+def build_checkpoint(path: Path, python: str, stored: str = "fp32", config: dict = CONFIG) -> Path:
     """The random-init checkpoint stored in ``stored`` precision (the same weights, seed 0, cast),
     built in a child process (torch never enters this one) and kept."""
     if stored != "fp32":
@@ -97,7 +100,7 @@ def build_checkpoint(path: Path, python: str, stored: str = "fp32") -> Path:
         return path
     partial = path.with_name(path.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    subprocess.run([python, "-c", BUILD_SCRIPT, str(partial), json.dumps(CONFIG), TORCH_DTYPES[stored]], check=True)
+    subprocess.run([python, "-c", BUILD_SCRIPT, str(partial), json.dumps(config), TORCH_DTYPES[stored]], check=True)
     for name in TOKENIZER_FILES:
         if (TOKENIZER_SOURCE / name).is_file():
             shutil.copy2(TOKENIZER_SOURCE / name, partial / name)
@@ -282,7 +285,8 @@ def main() -> int:
     parser.add_argument("--llmopt-src", type=Path, default=ROOT, help="the checkout measured as 'after' (default: this one)")
     parser.add_argument("--baseline-src", type=Path, help="another checkout measured as 'before', in the same run")
     parser.add_argument("--only", help=f"comma-separated cases among {', '.join(CASES)} (default: all)")
-    parser.add_argument("--checkpoint", type=Path, default=default_checkpoint_dir(), help="where the model is built and kept")
+    parser.add_argument("--size", choices=SIZES, default="370m", help="the random checkpoint's shape (default: 370m)")
+    parser.add_argument("--checkpoint", type=Path, help="where the model is built and kept (default: under ~/.cache/llmopt/bench)")
     parser.add_argument("--no-validate", action="store_true", help="export only, without the parity check")
     parser.add_argument("--limit", type=float, metavar="X",
                         help="run each export in a memory cgroup limited to X times its weight bytes and report "
@@ -294,7 +298,8 @@ def main() -> int:
     unknown = [case for case in cases if case not in CASES]
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; accepted: {', '.join(CASES)}")
-    checkpoints = {stored: build_checkpoint(args.checkpoint, args.python, stored)
+    checkpoints = {stored: build_checkpoint(args.checkpoint or default_checkpoint_dir(args.size), args.python, stored,
+                                            SIZES[args.size])
                    for stored in sorted({CASES[case][2] for case in cases})}
     parameters = parameter_count(checkpoints[min(checkpoints)])
     for stored, checkpoint in checkpoints.items():
