@@ -38,7 +38,7 @@ def backend_output_hidden() -> Iterator[None]:
             yield
         return
     # Their loggers hold the real stderr, so a redirect does not reach them.
-    loggers = [logging.getLogger(name) for name in ("transformers", "optimum", "nncf")]
+    loggers = [logging.getLogger(name) for name in ("transformers", "optimum", "nncf", "accelerate")]
     levels = [each.level for each in loggers]
     try:
         for each in loggers:

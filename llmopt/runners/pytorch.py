@@ -7,11 +7,13 @@ Modes follow the transformers optimization guide: ``eager`` (dynamic cache, SDPA
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 import numpy as np
 
+from llmopt import events
 from llmopt._deps import require
 from llmopt.errors import UsageError
 from llmopt.runners.base import BatchOutput, Runner, SamplingConfig, Speculation, TokenCallback, cut_at_eos
@@ -70,9 +72,11 @@ class PyTorchRunner(Runner):
             torch.set_num_threads(threads)
         self.torch, self.mode = torch, mode
         placement = {"device_map": device_map} if streamed and (device_map := streamed_device_map(self.path)) else {}
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(
-            self.path, dtype=getattr(torch, TORCH_DTYPES[dtype]), attn_implementation=attention_for(self.path), **placement
-        ).eval()
+        # accelerate warns that the streamed layers are "on the meta device", which is the point of them
+        with events.backend_output_hidden() if placement else contextlib.nullcontext():
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                self.path, dtype=getattr(torch, TORCH_DTYPES[dtype]), attn_implementation=attention_for(self.path),
+                **placement).eval()
         if placement:
             from llmopt import memory
 
@@ -196,9 +200,12 @@ def streamed_device_map(checkpoint: Path) -> dict[str, str] | None:
     accelerate = require("accelerate", extra="pytorch")
     torch = require("torch", extra="pytorch")
     transformers = require("transformers", extra="pytorch")
-    config = transformers.AutoConfig.from_pretrained(checkpoint)
-    with accelerate.init_empty_weights():
-        skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    try:
+        config = transformers.AutoConfig.from_pretrained(checkpoint)
+        with accelerate.init_empty_weights():
+            skeleton = transformers.AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError):  # transformers cannot build it without remote code: loading it whole says why
+        return None
     count = getattr(config, "num_hidden_layers", None)
     layers = next((name for name, module in skeleton.named_modules()
                    if isinstance(module, torch.nn.ModuleList) and len(module) == count and count), None)
