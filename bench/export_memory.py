@@ -63,7 +63,12 @@ CONFIG = {
     "initializer_range": 0.02, "torch_dtype": "float32",
 }
 SIZES = {"370m": CONFIG, "1.2b": {**CONFIG, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
-                                  "num_attention_heads": 32, "num_key_value_heads": 4}}
+                                  "num_attention_heads": 32, "num_key_value_heads": 4},
+         # Llama-2-7B's shape with this tokenizer's 49152-token vocabulary: 6.9B parameters, written tensor by
+         # tensor (its fp32 model would not fit this machine), so use it with 16-bit cases and --limit.
+         "7b": {**CONFIG, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 32, "head_dim": 128, "max_position_embeddings": 4096}}
+STREAMED_BUILD = {"7b"}
 # case -> (target, recipe precision, precision the checkpoint stores its weights in). Most large
 # checkpoints on the Hub are stored in bf16 or fp16, which the -from- cases export.
 CASES = {"onnx-fp32": ("onnx", "fp32", "fp32"), "openvino-fp32": ("openvino", "fp32", "fp32"),
@@ -88,10 +93,44 @@ model = transformers.LlamaForCausalLM(config).to(getattr(torch, sys.argv[3]))
 model.config.torch_dtype = getattr(torch, sys.argv[3])
 model.save_pretrained(sys.argv[1], safe_serialization=True, max_shard_size="20GB")
 """
+# The same initialisation as transformers' for Llama (normal(0, 0.02), norms at 1), one tensor at a time into
+# shards of 2 GiB, so the model is never whole in memory.
+STREAMED_BUILD_SCRIPT = """
+import json, sys, pathlib, torch, transformers, accelerate
+from safetensors.torch import save_file
+torch.manual_seed(0)
+out, dtype = pathlib.Path(sys.argv[1]), getattr(torch, sys.argv[3])
+config = transformers.LlamaConfig(**json.loads(sys.argv[2]))
+config.torch_dtype = dtype
+with accelerate.init_empty_weights():
+    skeleton = transformers.LlamaForCausalLM(config)
+out.mkdir(parents=True)
+shard, shard_bytes, weight_map, total, files = {}, 0, {}, 0, 0
+def flush():
+    global shard, shard_bytes, files
+    files += 1
+    name = f"model-{files:05d}.safetensors"
+    save_file(shard, str(out / name), metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(shard, name))
+    shard, shard_bytes = {}, 0
+for name, parameter in skeleton.named_parameters():
+    tensor = torch.ones(parameter.shape) if name.endswith("norm.weight") else torch.randn(parameter.shape) * 0.02
+    shard[name] = tensor.to(dtype)
+    shard_bytes += shard[name].numel() * shard[name].element_size()
+    total += shard[name].numel() * shard[name].element_size()
+    if shard_bytes >= 2 << 30:
+        flush()
+if shard:
+    flush()
+index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+(out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+config.save_pretrained(out)
+transformers.GenerationConfig.from_model_config(config).save_pretrained(out)
+"""
 TORCH_DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def build_checkpoint(path: Path, python: str, stored: str = "fp32", config: dict = CONFIG) -> Path:
+def build_checkpoint(path: Path, python: str, stored: str = "fp32", config: dict = CONFIG, streamed: bool = False) -> Path:
     """The random-init checkpoint stored in ``stored`` precision (the same weights, seed 0, cast),
     built in a child process (torch never enters this one) and kept."""
     if stored != "fp32":
@@ -100,7 +139,8 @@ def build_checkpoint(path: Path, python: str, stored: str = "fp32", config: dict
         return path
     partial = path.with_name(path.name + f".partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
-    subprocess.run([python, "-c", BUILD_SCRIPT, str(partial), json.dumps(config), TORCH_DTYPES[stored]], check=True)
+    script = STREAMED_BUILD_SCRIPT if streamed else BUILD_SCRIPT
+    subprocess.run([python, "-c", script, str(partial), json.dumps(config), TORCH_DTYPES[stored]], check=True)
     for name in TOKENIZER_FILES:
         if (TOKENIZER_SOURCE / name).is_file():
             shutil.copy2(TOKENIZER_SOURCE / name, partial / name)
@@ -285,7 +325,8 @@ def main() -> int:
     parser.add_argument("--llmopt-src", type=Path, default=ROOT, help="the checkout measured as 'after' (default: this one)")
     parser.add_argument("--baseline-src", type=Path, help="another checkout measured as 'before', in the same run")
     parser.add_argument("--only", help=f"comma-separated cases among {', '.join(CASES)} (default: all)")
-    parser.add_argument("--size", choices=SIZES, default="370m", help="the random checkpoint's shape (default: 370m)")
+    parser.add_argument("--size", choices=SIZES, default="370m",
+                        help="the random checkpoint's shape (default: 370m; 7b needs about 14 GB of disk per stored precision)")
     parser.add_argument("--checkpoint", type=Path, help="where the model is built and kept (default: under ~/.cache/llmopt/bench)")
     parser.add_argument("--no-validate", action="store_true", help="export only, without the parity check")
     parser.add_argument("--limit", type=float, metavar="X",
@@ -299,7 +340,7 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; accepted: {', '.join(CASES)}")
     checkpoints = {stored: build_checkpoint(args.checkpoint or default_checkpoint_dir(args.size), args.python, stored,
-                                            SIZES[args.size])
+                                            SIZES[args.size], args.size in STREAMED_BUILD)
                    for stored in sorted({CASES[case][2] for case in cases})}
     parameters = parameter_count(checkpoints[min(checkpoints)])
     for stored, checkpoint in checkpoints.items():
