@@ -1,3 +1,3 @@
 """llmopt: compile Hugging Face causal LMs into static-shape artifacts and run them."""
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
