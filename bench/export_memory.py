@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Peak memory of ``llmopt export`` (export plus the parity check) over the weights it exports.
 
-Builds once a random-init Llama-shaped checkpoint of about 370M parameters (safetensors, stored in
+Builds once a random-init Llama-shaped checkpoint of about 370M parameters (``--size 1.2b``: 1.17B;
+``--size 7b``: Llama-2-7B's shape, 6.88B) (safetensors, stored in
 fp32, and cast to fp16 / bf16 for the cases that start from a 16-bit checkpoint; the tokenizer of
 models/SmolLM2-135M-Instruct; nothing is downloaded), cached under the paths it prints. Then, for
 each case (target, precision, the checkpoint's stored precision: onnx fp32; openvino fp32, fp16,
@@ -13,7 +14,7 @@ per measurement and records:
                 one child, its waited-for children included), plus the sampled peak of the
                 process tree's memory (psutil, every 50 ms: RSS, or the summed PSS while it has children)
     weights     parameter count x bytes per element in the recipe's precision (fp32 4, fp16/bf16 2)
-    ratio       peak_rss / weights (the issue's goal: at most 2)
+    ratio       peak_rss / weights (the goal: at most 2)
     anon_ratio  the sampled peak of the tree's unreclaimable memory (anonymous + shared memory, PSS)
                 over weights: what a memory limit cannot take back (clean pages of mapped files it can)
     steps       the sampled peak memory inside each llmopt step (``--log-format json`` events)
