@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -48,6 +49,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from llmopt.sources import safetensors_header
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -76,7 +79,6 @@ CASES = {"onnx-fp32": ("onnx", "fp32", "fp32"), "openvino-fp32": ("openvino", "f
          "openvino-fp16": ("openvino", "fp16", "fp32"), "openvino-bf16": ("openvino", "bf16", "fp32"),
          "openvino-fp16-from-fp16": ("openvino", "fp16", "fp16"), "openvino-fp16-from-bf16": ("openvino", "fp16", "bf16")}
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
-SAFETENSORS_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4}
 OPEN_THRESHOLDS = ["--set", "validation.min_top1_agreement=0", "--set", "validation.max_mean_kl=1e9"]
 GIB = 2**30
 
@@ -152,17 +154,8 @@ def build_checkpoint(path: Path, python: str, stored: str = "fp32", config: dict
 
 def parameter_count(checkpoint: Path) -> int:
     """Parameters in the checkpoint's safetensors files, read from their headers."""
-    count = 0
-    for file in checkpoint.glob("*.safetensors"):
-        with open(file, "rb") as handle:
-            header = json.loads(handle.read(int.from_bytes(handle.read(8), "little")))
-        for name, entry in header.items():
-            if name != "__metadata__":
-                elements = 1
-                for dim in entry["shape"]:
-                    elements *= dim
-                count += elements
-    return count
+    return sum(math.prod(info["shape"]) for file in checkpoint.glob("*.safetensors")
+               for info in safetensors_header(file).values())
 
 
 class TreeSampler(threading.Thread):
@@ -245,7 +238,7 @@ class MemoryLimit:
         name = f"llmopt-export-memory-{os.getpid()}"
         if (self.V1 / "memory.limit_in_bytes").is_file():
             self.path, self.limit_file, self.events = self.V1 / name, "memory.limit_in_bytes", "memory.oom_control"
-        elif "memory" in (self.V2 / "cgroup.controllers").read_text() if (self.V2 / "cgroup.controllers").is_file() else "":
+        elif (self.V2 / "cgroup.controllers").is_file() and "memory" in (self.V2 / "cgroup.controllers").read_text():
             self.path, self.limit_file, self.events = self.V2 / name, "memory.max", "memory.events"
         else:
             raise SystemExit("--limit needs a memory cgroup this user can create (cgroup v1 or v2 with the memory controller)")
@@ -321,6 +314,11 @@ def measure(source: Path, checkpoint: Path, target: str, dtype: str, python: str
     return result
 
 
+def verdict(row: dict, limit: float | None, separator: str) -> str:
+    """Whether the export completed in its memory cgroup, for a row measured with --limit."""
+    return f"{separator}under a {limit}x limit: {'completes' if row['fits'] else 'killed'}" if limit else ""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--llmopt-src", type=Path, default=ROOT, help="the checkout measured as 'after' (default: this one)")
@@ -365,8 +363,8 @@ def main() -> int:
                 if args.limit:
                     row["fits"] = row["exit_code"] == 0 and not row["oom_kills"]
                 print(f"  {row['seconds']:.0f} s, peak {row['peak_rss_bytes'] / GIB:.2f} GiB, "
-                      f"{row['ratio']:.2f}x weights, unreclaimable {row['anon_ratio']:.2f}x"
-                      + (f", under a {args.limit}x limit: {'completes' if row['fits'] else 'killed'}" if args.limit else "") + (f", FAILED: {row.get('error', '')[-300:]}" if row["exit_code"] else ""),
+                      f"{row['ratio']:.2f}x weights, unreclaimable {row['anon_ratio']:.2f}x" + verdict(row, args.limit, ", ")
+                      + (f", FAILED: {row.get('error', '')[-300:]}" if row["exit_code"] else ""),
                       file=sys.stderr, flush=True)
     print(f"{'case':<15} {'tree':<7} {'seconds':>8} {'weights GiB':>12} {'peak GiB':>9} {'peak/weights':>13}  "
           f"{'unreclaimable GiB':>18} {'unreclaimable/weights':>22}  peak step (total, unreclaimable)")
@@ -377,7 +375,7 @@ def main() -> int:
         print(f"{row['case']:<15} {row['tree']:<7} {row['seconds']:>8.0f} {row['weight_bytes'] / GIB:>12.2f} "
               f"{row['peak_rss_bytes'] / GIB:>9.2f} {row['ratio']:>12.2f}x  {row['peak_anon_bytes'] / GIB:>18.2f} "
               f"{row['anon_ratio']:>21.2f}x  {peak_step}, {anon_step}"
-              + (f"  under a {args.limit}x limit: {'completes' if row['fits'] else 'killed'}" if args.limit else "")
+              + verdict(row, args.limit, "  ")
               + ("  (failed)" if row["exit_code"] else ""))
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"checkpoints": {stored: str(path) for stored, path in checkpoints.items()},

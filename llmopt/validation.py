@@ -34,8 +34,10 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 def perplexity(logits: np.ndarray, token_ids: list[int]) -> float:
     """exp of the mean negative log-likelihood of token t+1 given tokens up to t."""
     targets = np.asarray(token_ids[1:])
-    nll = [-_log_softmax(logits[start:start + CHUNK])[np.arange(len(chunk)), chunk]
-           for start in range(0, len(targets), CHUNK) for chunk in [targets[start:start + CHUNK]]]
+    nll = []
+    for start in range(0, len(targets), CHUNK):
+        chunk = targets[start:start + CHUNK]  # position t predicts token t + 1
+        nll.append(-_log_softmax(logits[start:start + len(chunk)])[np.arange(len(chunk)), chunk])
     return float(np.exp(np.concatenate(nll).mean())) if nll else float("nan")
 
 

@@ -219,7 +219,8 @@ def run_optimum_export(recipe: Recipe, checkpoint: Path, output: Path) -> None:
     main_export = require("optimum.exporters.openvino", extra="openvino", package="optimum-intel").main_export
     configuration = require("optimum.intel.openvino.configuration", extra="openvino", package="optimum-intel")
     dtype = recipe.precision.dtype
-    events.info(f"tracing {recipe.model.id} with optimum-intel ({dtype}, in {trace_dtype(dtype, checkpoint)}, stateful)")
+    traced_in = trace_dtype(dtype, checkpoint)
+    events.info(f"tracing {recipe.model.id} with optimum-intel ({dtype}, in {traced_in}, stateful)")
     with events.backend_output_hidden(), traced_attention(checkpoint):
         main_export(
             str(checkpoint),
@@ -229,7 +230,7 @@ def run_optimum_export(recipe: Recipe, checkpoint: Path, output: Path) -> None:
             # An explicit OVConfig with no quantization_config: optimum-intel then skips its int8 default.
             ov_config=configuration.OVConfig(dtype=OPTIMUM_DTYPES[dtype]),
             # optimum-intel 1.27 reads torch_dtype (not dtype) to set up its 16-bit tracing.
-            model_loading_kwargs={"torch_dtype": getattr(torch, trace_dtype(dtype, checkpoint))},
+            model_loading_kwargs={"torch_dtype": getattr(torch, traced_in)},
             local_files_only=True,
             trust_remote_code=recipe.model.trust_remote_code,
             library_name="transformers",

@@ -190,18 +190,15 @@ def streamed_device_map(checkpoint: Path) -> dict[str, str] | None:
     final norm and lm_head stay loaded. None (load the whole model) for a checkpoint without safetensors
     (the offload would first write the weights out), a quantized one, or a model whose decoder layers
     are not one ModuleList of ``num_hidden_layers``."""
-    import json
-
     if not any(checkpoint.glob("*.safetensors")):
-        return None
-    config_dict = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
-    if config_dict.get("quantization_config"):
         return None
     accelerate = require("accelerate", extra="pytorch")
     torch = require("torch", extra="pytorch")
     transformers = require("transformers", extra="pytorch")
     try:
         config = transformers.AutoConfig.from_pretrained(checkpoint)
+        if getattr(config, "quantization_config", None):
+            return None
         with accelerate.init_empty_weights():
             skeleton = transformers.AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError):  # transformers cannot build it without remote code: loading it whole says why
